@@ -1,0 +1,180 @@
+"""Model configuration: the Grok-1 hyper-parameters under their official names.
+
+`ModelConfig` mirrors the fields of the official release's `TransformerConfig`
+and `LanguageModelConfig` that change what the network computes or how its
+parameters are shaped. `GROK_1` holds the released model's values; the small
+presets exist so the same code runs on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+__all__ = ["ModelConfig", "GROK_1", "TINY", "SMALL", "PRESETS", "ffn_size"]
+
+
+def ffn_size(emb_size: int, widening_factor: float) -> int:
+    """Hidden width of one expert: int(widening * emb) * 2 // 3, rounded up to a multiple of 8."""
+    size = int(widening_factor * emb_size) * 2 // 3
+    return size + (-size) % 8
+
+
+# Fields of the official LanguageModelConfig / TransformerConfig that do not affect the
+# forward pass or the parameter shapes. `from_official` accepts and drops them.
+_OFFICIAL_UNUSED = frozenset({
+    "name", "capacity_factor", "init_scale", "shard_activations", "data_axis", "model_axis",
+    "model_size", "embedding_init_scale", "fprop_dtype", "model_type", "init_scale_override",
+    "shard_embeddings",
+})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Hyper-parameters of a Grok-1-architecture model.
+
+    Attributes:
+      emb_size: width of the residual stream (d_model).
+      key_size: width of one attention head.
+      num_q_heads: number of query heads.
+      num_kv_heads: number of key/value heads (grouped-query attention).
+      num_layers: number of decoder layers.
+      vocab_size: number of token ids (rows of the tied embedding).
+      widening_factor: expert hidden width = `ffn_size(emb_size, widening_factor)`.
+      attn_output_multiplier: scale applied to the fp32 attention logits.
+      num_experts: experts per MoE layer.
+      num_selected_experts: experts each token is routed to (top-k).
+      embedding_multiplier_scale: multiplier on the input embeddings.
+      output_multiplier_scale: multiplier on the output logits.
+      pad_token: token id treated as padding (masked as an attention key).
+      eos_token: end-of-sequence token id.
+      sequence_len: the longest context the model was configured for.
+    """
+
+    emb_size: int
+    key_size: int
+    num_q_heads: int
+    num_kv_heads: int
+    num_layers: int
+    vocab_size: int
+    widening_factor: float
+    attn_output_multiplier: float
+    num_experts: int
+    num_selected_experts: int
+    embedding_multiplier_scale: float
+    output_multiplier_scale: float
+    pad_token: int = 0
+    eos_token: int = 2
+    sequence_len: int = 8192
+
+    def __post_init__(self):
+        positive = ("emb_size", "key_size", "num_q_heads", "num_kv_heads", "num_layers",
+                    "vocab_size", "num_experts", "num_selected_experts", "sequence_len")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name}: expected a positive int, got {value!r}")
+        for name in ("widening_factor", "attn_output_multiplier", "embedding_multiplier_scale",
+                     "output_multiplier_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"ModelConfig.{name}: expected a finite number, got {value!r}")
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_q_heads: expected a multiple of num_kv_heads={self.num_kv_heads}, "
+                f"got {self.num_q_heads}")
+        if self.num_selected_experts > self.num_experts:
+            raise ValueError(
+                f"ModelConfig.num_selected_experts: expected at most num_experts={self.num_experts}, "
+                f"got {self.num_selected_experts}")
+        for name in ("pad_token", "eos_token"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"ModelConfig.{name}: expected an int in [0, vocab_size={self.vocab_size}), got {value!r}")
+
+    @property
+    def ffn_size(self) -> int:
+        """Hidden width of one expert's feed-forward network."""
+        return ffn_size(self.emb_size, self.widening_factor)
+
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads sharing one key/value head."""
+        return self.num_q_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Builds a config from a flat dict with the official field names.
+
+        Raises:
+          ValueError: naming any key that is not a field, or any missing required field.
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        extra = sorted(set(d) - set(names))
+        if extra:
+            raise ValueError(f"ModelConfig.from_dict: unknown keys {extra}; expected a subset of {names}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.name not in d]
+        if required:
+            raise ValueError(f"ModelConfig.from_dict: missing keys {required}")
+        return cls(**d)
+
+    @classmethod
+    def from_official(cls, language_model_config: Mapping[str, Any]) -> "ModelConfig":
+        """Builds a config from the official nested `LanguageModelConfig` dict.
+
+        The official dict holds the transformer's fields under `model`, and the
+        language model's (`vocab_size`, multipliers, tokens) at the top level;
+        `model.vocab_size` there is an unused default and is ignored. Fields that do not
+        affect the forward pass (sharding flags, init scales, names) are dropped; any other
+        unknown key is an error.
+        """
+        top = dict(language_model_config)
+        model = dict(top.pop("model", {}) or {})
+        model.pop("vocab_size", None)
+        flat = {**{k: v for k, v in model.items() if k not in _OFFICIAL_UNUSED},
+                **{k: v for k, v in top.items() if k not in _OFFICIAL_UNUSED}}
+        return cls.from_dict(flat)
+
+
+GROK_1 = ModelConfig(
+    emb_size=6144,
+    key_size=128,
+    num_q_heads=48,
+    num_kv_heads=8,
+    num_layers=64,
+    vocab_size=131072,
+    widening_factor=8,
+    attn_output_multiplier=0.08838834764831845,
+    num_experts=8,
+    num_selected_experts=2,
+    embedding_multiplier_scale=78.38367176906169,
+    output_multiplier_scale=0.5773502691896257,
+    pad_token=0,
+    eos_token=2,
+    sequence_len=8192,
+)
+"""The released Grok-1 (314B parameters)."""
+
+TINY = ModelConfig(
+    emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2, num_layers=2, vocab_size=512,
+    widening_factor=8, attn_output_multiplier=0.25, num_experts=8, num_selected_experts=2,
+    embedding_multiplier_scale=8.0, output_multiplier_scale=0.5773502691896257,
+    pad_token=0, eos_token=2, sequence_len=256,
+)
+"""Two layers, d=64: the shape of the official reference fixture; runs in milliseconds."""
+
+SMALL = ModelConfig(
+    emb_size=256, key_size=32, num_q_heads=8, num_kv_heads=2, num_layers=4, vocab_size=4096,
+    widening_factor=2, attn_output_multiplier=1 / math.sqrt(32), num_experts=8,
+    num_selected_experts=2, embedding_multiplier_scale=16.0,
+    output_multiplier_scale=0.5773502691896257, pad_token=0, eos_token=2, sequence_len=1024,
+)
+"""Four layers, d=256: large enough for sharding and dumps to be meaningful on a CPU."""
+
+PRESETS: dict[str, ModelConfig] = {"grok-1": GROK_1, "tiny": TINY, "small": SMALL}

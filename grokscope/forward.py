@@ -1,0 +1,143 @@
+"""The forward API: parameter shapes, initialisation and the recorded forward pass.
+
+`make_forward(config, spec)` returns a pure function `(params, tokens, positions) ->
+(logits, record)`; `forward` jits it once per (config, spec) and runs it, on one device
+or on a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from grokscope.config import ModelConfig
+from grokscope.model import forward_fn
+from grokscope.quant import QuantizedWeight8bit, quantize
+from grokscope.record import RecordSpec, collect, record_filter
+from grokscope.sharding import batch_sharding, shard_params
+
+__all__ = ["ParamShape", "param_shapes", "is_quantizable", "release_scale_blocks", "init_params",
+           "make_forward", "forward", "ForwardOutput"]
+
+_QUANTIZABLE = re.compile(r"(multi_head_attention/(query|key|value|linear)|moe/(linear|linear_v|linear_1))/w$")
+_INPUT_SHARDED = re.compile(r"(multi_head_attention/linear|moe/linear_1)/w$")
+
+
+class ParamShape(NamedTuple):
+    """Stored shape and dtype of one checkpoint tensor (int8 for quantized weights)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def is_quantizable(path: str) -> bool:
+    """Whether the release stores the parameter at `path` as a QuantizedWeight8bit."""
+    return _QUANTIZABLE.search(path) is not None
+
+
+def release_scale_blocks(path: str, shape: tuple[int, ...]) -> int:
+    """Scale blocks the release uses: 8 where the input dim is model-sharded, else 1."""
+    if _INPUT_SHARDED.search(path) and shape[-2] % 8 == 0:
+        return 8
+    return 1
+
+
+def _transformed(config: ModelConfig, spec: RecordSpec, compute_dtype: str = "float32"):
+    def fn(tokens, positions):
+        with hk.custom_setter(record_filter(spec)):
+            return forward_fn(config, tokens, positions, compute_dtype)
+
+    return hk.transform_with_state(fn)
+
+
+def param_shapes(config: ModelConfig) -> dict[str, ParamShape]:
+    """`{"module/path/name": ParamShape}` in checkpoint order, computed without memory."""
+    f = _transformed(config, RecordSpec(routing=False))
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    params, _ = jax.eval_shape(f.init, jax.random.PRNGKey(0), tokens, tokens)
+    shapes = {}
+    for module in sorted(params):
+        for name in sorted(params[module]):
+            path = f"{module}/{name}"
+            leaf = params[module][name]
+            dtype = np.dtype(np.int8) if is_quantizable(path) else np.dtype(leaf.dtype)
+            shapes[path] = ParamShape(tuple(leaf.shape), dtype)
+    return shapes
+
+
+def init_params(config: ModelConfig, seed: int = 0, quantized: bool = True) -> dict:
+    """Random parameters; quantizable weights become int8 with the release's scale blocks."""
+    f = _transformed(config, RecordSpec(routing=False))
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params, _ = f.init(jax.random.PRNGKey(seed), tokens, tokens)
+    params = jax.device_get(params)
+    if quantized:
+        params = {module: {name: (quantize(v, release_scale_blocks(f"{module}/{name}", v.shape))
+                                  if is_quantizable(f"{module}/{name}") else v)
+                           for name, v in values.items()}
+                  for module, values in params.items()}
+    return params
+
+
+def make_forward(config: ModelConfig, spec: RecordSpec = RecordSpec(),
+                 compute_dtype: str = "float32") -> Callable:
+    """A pure `(params, tokens [B, T], positions [B, T]) -> (logits [B, T, V] f32, record)`.
+
+    See `grokscope.model.lm.forward_fn` for `compute_dtype`.
+    """
+    f = _transformed(config, spec, compute_dtype)
+
+    def apply(params, tokens, positions):
+        logits, state = f.apply(params, {}, None, tokens, positions)
+        return logits, collect(state, config.num_layers)
+
+    return apply
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(config: ModelConfig, spec: RecordSpec, compute_dtype: str):
+    return jax.jit(make_forward(config, spec, compute_dtype))
+
+
+class ForwardOutput(NamedTuple):
+    """Logits [B, T, V] float32 and the record dict (see `grokscope.record`)."""
+
+    logits: jax.Array
+    record: dict[str, jax.Array]
+
+
+def forward(params: dict, config: ModelConfig, tokens, record: RecordSpec = RecordSpec(),
+            mesh: Mesh | None = None, positions=None, compute_dtype: str = "float32") -> ForwardOutput:
+    """Runs the model on `tokens` (int [batch, seq]) and returns logits and records.
+
+    Any batch size works. `positions` (int [batch, seq]) defaults to 0..seq-1 per row.
+    `compute_dtype` is "float32" (the release's outputs) or "bfloat16" (see
+    `grokscope.model.lm.forward_fn`).
+
+    With a `mesh`, parameters are placed by the release's rules (no copy if `load_params`
+    already placed them there) and the batch is split over `data` when it divides.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"forward: tokens must be an int array [batch, seq], got {tokens.dtype}{list(tokens.shape)}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
+        raise ValueError(f"forward: token ids must lie in [0, {config.vocab_size}), "
+                         f"got [{tokens.min()}, {tokens.max()}]")
+    tokens = tokens.astype(np.int32)
+    if positions is None:
+        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    positions = np.asarray(positions, dtype=np.int32)
+    if mesh is not None:
+        params = shard_params(params, mesh)
+        tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
+        positions = jax.device_put(positions, batch_sharding(mesh, positions.shape))
+    logits, rec = _jitted(config, record, compute_dtype)(params, tokens, positions)
+    return ForwardOutput(logits, rec)

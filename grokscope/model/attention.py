@@ -1,0 +1,51 @@
+"""Grouped-query self-attention with RoPE and Grok-1's tanh soft cap on the logits."""
+
+from __future__ import annotations
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from grokscope.config import ModelConfig
+from grokscope.model.linear import Linear
+from grokscope.model.rope import apply_rope
+
+ATTN_LOGIT_CAP = 30.0
+MASK_VALUE = -1e30
+
+
+class MultiHeadAttention(hk.Module):
+    """Causal GQA attention.
+
+    Algorithm (dtypes as in the release):
+      1. q, k, v = x @ w_{query,key,value} in the activation dtype; RoPE on q and k.
+      2. logits = (q . k) -> float32, * attn_output_multiplier, then 30 * tanh(logits / 30).
+      3. masked logits (future keys, pad keys) are set to -1e30 *after* the cap, so a query
+         whose keys are all masked attends uniformly to every key.
+      4. float32 softmax over keys, cast to the activation dtype, weighted sum of v,
+         output projection `linear`.
+    Query head j reads kv head j // (H / G).
+    """
+
+    def __init__(self, config: ModelConfig, name: str = "multi_head_attention"):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
+        """x: [B, T, D]; mask: [B, T, S] bool (True = may attend); positions: [B, T]."""
+        c = self.config
+        B, T, _ = x.shape
+        H, G, K = c.num_q_heads, c.num_kv_heads, c.key_size
+        q = Linear(H * K, init_scale=2.5, name="query")(x).reshape(B, T, H, K)
+        k = Linear(G * K, init_scale=2.5, name="key")(x).reshape(B, T, G, K)
+        v = Linear(G * K, name="value")(x).reshape(B, T, G, K)
+        q = apply_rope(q, positions)
+        k = apply_rope(k, positions)
+        q = q.reshape(B, T, G, H // G, K)  # [B, T, G, R, K]
+        logits = jnp.einsum("btgrk,bsgk->bgrts", q, k).astype(jnp.float32)  # [B, G, R, T, S]
+        logits = logits * c.attn_output_multiplier
+        logits = ATTN_LOGIT_CAP * jnp.tanh(logits / ATTN_LOGIT_CAP)
+        logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
+        weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # [B, G, R, T, S]
+        out = jnp.einsum("bgrts,bsgk->btgrk", weights, v).reshape(B, T, H * K)
+        return Linear(c.emb_size, name="linear")(out)

@@ -1,0 +1,42 @@
+"""One Grok-1 decoder layer and the stack of them ("sandwich" norms around each block)."""
+
+from __future__ import annotations
+
+import haiku as hk
+import jax
+
+from grokscope.config import ModelConfig
+from grokscope.model.attention import MultiHeadAttention
+from grokscope.model.moe import MoELayer, Router
+from grokscope.model.norm import RMSNorm
+from grokscope.record import probe
+
+
+class DecoderLayer(hk.Module):
+    """h += rms_norm_1(attn(rms_norm(h))); h += rms_norm_3(moe(rms_norm_2(h)))."""
+
+    def __init__(self, config: ModelConfig, name: str):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
+        attn = MultiHeadAttention(self.config)(RMSNorm(name="rms_norm")(h), mask, positions)
+        h = h + RMSNorm(name="rms_norm_1")(attn)
+        x = RMSNorm(name="rms_norm_2")(h)
+        router_logits, probs = Router(self.config)(x)
+        probe("router_logits", router_logits)
+        moe_out = MoELayer(self.config)(x, probs)
+        return h + RMSNorm(name="rms_norm_3")(moe_out)
+
+
+class Transformer(hk.Module):
+    """The decoder stack `transformer/decoder_layer_{i}`."""
+
+    def __init__(self, config: ModelConfig, name: str = "transformer"):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
+        for i in range(self.config.num_layers):
+            h = DecoderLayer(self.config, name=f"decoder_layer_{i}")(h, mask, positions)
+        return h

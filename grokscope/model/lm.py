@@ -1,0 +1,89 @@
+"""Embedding, decoder stack, final norm and tied unembedding: the whole Grok-1 forward."""
+
+from __future__ import annotations
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from grokscope.config import ModelConfig
+from grokscope.model.decoder import Transformer
+from grokscope.model.norm import RMSNorm
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def as_activation_constant(x: float) -> float:
+    """A Python-float multiplier as the release applies it to bf16 arrays: rounded to bf16.
+
+    (78.38367176906169 becomes 78.5 and 0.5773502691896257 becomes 0.578125.)
+    """
+    return float(np.asarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+class InOutEmbed(hk.Module):
+    """The tied token embedding `[V, D]`, used for input lookup and output logits."""
+
+    def __init__(self, config: ModelConfig, name: str = "in_out_embed"):
+        super().__init__(name=name)
+        self.config = config
+
+    def _table(self) -> jax.Array:
+        return hk.get_parameter("embeddings", [self.config.vocab_size, self.config.emb_size],
+                                jnp.float32, init=hk.initializers.TruncatedNormal(1.0))
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self._table(), tokens, axis=0)
+
+    def decode(self, h: jax.Array) -> jax.Array:
+        return jnp.einsum("btd,vd->btv", h, self._table().astype(h.dtype))
+
+
+class LanguageModel(hk.Module):
+    """tokens -> logits, with the release's multipliers and masks."""
+
+    def __init__(self, config: ModelConfig, compute_dtype: str = "float32", name: str = "language_model"):
+        super().__init__(name=name)
+        self.config = config
+        self.compute_dtype = jnp.dtype(compute_dtype)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, transformer: Transformer) -> jax.Array:
+        c = self.config
+        embed = InOutEmbed(c)
+        h = embed.embed(tokens).astype(self.compute_dtype)  # [B, T, D]
+        h = h * as_activation_constant(c.embedding_multiplier_scale)
+        valid = tokens > c.pad_token  # [B, S]
+        T = tokens.shape[1]
+        causal = jnp.tril(jnp.ones((T, T), dtype=bool))  # [T, S]
+        mask = causal[None, :, :] & valid[:, None, :]  # [B, T, S]
+        h = transformer(h, mask, positions)
+        h = RMSNorm(name="rms_norm")(h)
+        logits = embed.decode(h) * as_activation_constant(c.output_multiplier_scale)
+        # The release's logits are bfloat16.
+        return logits.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | None = None,
+               compute_dtype: str = "float32") -> jax.Array:
+    """The haiku function to transform: tokens [B, T] int -> logits [B, T, V] float32.
+
+    `transformer` is built outside `language_model`, so its parameters live at
+    `transformer/...` as in the release.
+
+    `compute_dtype` is the dtype of the residual stream and of the matmuls:
+      - "float32" (default) reproduces what XLA computes for the release's code, which
+        drops most of the bf16 round trips written in it; only the Python-float
+        multipliers and the output logits are rounded to bfloat16.
+      - "bfloat16" rounds every activation and dequantised weight to bfloat16, as the
+        release's source reads op by op: half the activation memory, slightly further
+        from the release's outputs.
+    Routers, norms, attention logits and softmaxes run in float32 either way.
+    """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype: expected one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    transformer = Transformer(config)
+    return LanguageModel(config, compute_dtype)(tokens, positions, transformer)

@@ -1,0 +1,90 @@
+"""Int8 weights with block-wise scales, as stored in the Grok-1 release.
+
+A `QuantizedWeight8bit` holds an int8 `weight[..., in, out]` and `scales[..., n_blocks, out]`
+(bfloat16 in the release). The input dimension is cut into `n_blocks` equal blocks of rows,
+and every (block, output column) has its own scale:
+
+    W[..., i, o] = weight[..., i, o] * scales[..., i // (in // n_blocks), o]
+
+The release uses `n_blocks = 1` for q/k/v and the MoE `linear`/`linear_v` weights, and
+`n_blocks = 8` where the input dimension is sharded (attention `linear`, MoE `linear_1`).
+Any `n_blocks` that divides the input size works here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+__all__ = ["QuantizedWeight8bit", "dequantize", "quantize", "is_quantized"]
+
+
+@dataclasses.dataclass
+class QuantizedWeight8bit:
+    """An int8 weight with block-wise scales (a JAX pytree with leaves `weight`, `scales`)."""
+
+    weight: Any
+    scales: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical (dequantised) shape: that of `weight`."""
+        return tuple(self.weight.shape)
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of row blocks along the input dimension."""
+        return int(self.scales.shape[-2])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.weight.nbytes) + int(self.scales.nbytes)
+
+
+jax.tree_util.register_dataclass(QuantizedWeight8bit, data_fields=["weight", "scales"], meta_fields=[])
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedWeight8bit)
+
+
+def dequantize(w: Any, dtype=jnp.bfloat16) -> jax.Array:
+    """Returns the full-precision weight; plain arrays are cast to `dtype`.
+
+    The product `int8 -> dtype` times `scales -> dtype` is taken in `dtype`, as the
+    release does in bfloat16.
+    """
+    if not isinstance(w, QuantizedWeight8bit):
+        return jnp.asarray(w).astype(dtype)
+    weight = w.weight.astype(dtype)
+    *lead, n_in, n_out = weight.shape
+    n_blocks = w.n_blocks
+    scales = w.scales.astype(dtype)
+    if n_blocks == 1:
+        return weight * scales
+    blocked = weight.reshape(*lead, n_blocks, n_in // n_blocks, n_out)  # [..., nb, in/nb, out]
+    return (blocked * scales[..., :, None, :]).reshape(*lead, n_in, n_out)
+
+
+def quantize(w: np.ndarray, n_blocks: int = 1, scale_dtype=ml_dtypes.bfloat16) -> QuantizedWeight8bit:
+    """Symmetric per-(row block, output column) int8 quantisation of `w[..., in, out]` (host side).
+
+    scales = (max |w| over the block's rows) / 127, rounded to `scale_dtype`;
+    weight = clip(rint(w / scales), -127, 127). All-zero columns get scale 0 and weight 0.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    *lead, n_in, n_out = w.shape
+    if n_blocks < 1 or n_in % n_blocks:
+        raise ValueError(f"quantize: n_blocks={n_blocks} must divide the input size {n_in}")
+    blocked = w.reshape(*lead, n_blocks, n_in // n_blocks, n_out)
+    scales = (np.abs(blocked).max(axis=-2) / 127.0).astype(scale_dtype)  # [..., nb, out]
+    s32 = scales.astype(np.float32)[..., :, None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s32 > 0, np.rint(blocked / np.where(s32 > 0, s32, 1)), 0)
+    weight = np.clip(q, -127, 127).astype(np.int8).reshape(w.shape)
+    return QuantizedWeight8bit(weight=weight, scales=scales)

@@ -1,0 +1,98 @@
+"""Device mesh and the release's placement of every parameter on it.
+
+The mesh has axes ("data", "model"). The partition rules are the release's: attention
+q/k/v and MoE `linear`/`linear_v` split their input dim on `data` and output dim on
+`model`; the attention output projection and MoE `linear_1` the other way round; the
+embedding table splits its width over both axes; norms and routers are replicated.
+
+Unlike the release, any mesh shape works: an axis that does not divide a dimension is
+dropped from that dimension's spec (the dimension is replicated over it), and the int8
+`scales[..., n_blocks, out]` follow the weight's spec wherever their own shape allows,
+whatever `n_blocks` is.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from grokscope.quant import QuantizedWeight8bit
+
+__all__ = ["make_mesh", "partition_spec", "param_sharding", "shard_params", "batch_sharding"]
+
+AXES = ("data", "model")
+
+_RULES: list[tuple[re.Pattern, tuple]] = [
+    (re.compile(r"multi_head_attention/(query|key|value)/w$"), ("data", "model")),
+    (re.compile(r"multi_head_attention/linear/w$"), ("model", "data")),
+    (re.compile(r"moe/(linear|linear_v)/w$"), (None, "data", "model")),
+    (re.compile(r"moe/linear_1/w$"), (None, "model", "data")),
+    (re.compile(r"in_out_embed/embeddings$"), (None, ("data", "model"))),
+]
+
+
+def make_mesh(data: int = 1, model: int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "model") mesh over the first data*model devices.
+
+    Args:
+      data: size of the data (batch) axis.
+      model: size of the model (tensor-parallel) axis; default all remaining devices.
+      devices: devices to use; default `jax.devices()`.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if model is None:
+        model = len(devices) // data
+    if data < 1 or model < 1 or data * model > len(devices):
+        raise ValueError(f"make_mesh: data={data} x model={model} needs {data * model} devices, "
+                         f"{len(devices)} available")
+    grid = np.array(devices[: data * model], dtype=object).reshape(data, model)
+    return Mesh(grid, AXES)
+
+
+def _fit(spec: tuple, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drops mesh axes that do not divide their dimension."""
+    fitted = []
+    for entry, size in zip(spec, shape):
+        axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        kept, product = [], 1
+        for axis in axes:
+            n = mesh.shape[axis]
+            if size % (product * n) == 0:
+                kept.append(axis)
+                product *= n
+        fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*fitted)
+
+
+def partition_spec(path: str, shape: Sequence[int]) -> tuple:
+    """The release's logical spec for the parameter at `path` (before fitting to a mesh)."""
+    for pattern, spec in _RULES:
+        if pattern.search(path):
+            return spec
+    return (None,) * len(shape)
+
+
+def param_sharding(path: str, value: Any, mesh: Mesh):
+    """A NamedSharding (or a QuantizedWeight8bit of them) for one parameter."""
+    spec = partition_spec(path, value.shape)
+    if isinstance(value, QuantizedWeight8bit):
+        weight = NamedSharding(mesh, _fit(spec, value.weight.shape, mesh))
+        scales = NamedSharding(mesh, _fit(spec, value.scales.shape, mesh))
+        return QuantizedWeight8bit(weight=weight, scales=scales)
+    return NamedSharding(mesh, _fit(spec, value.shape, mesh))
+
+
+def shard_params(params: dict, mesh: Mesh) -> dict:
+    """Places a haiku params dict on `mesh` (a no-op for leaves already placed so)."""
+    return {module: {name: jax.device_put(v, param_sharding(f"{module}/{name}", v, mesh))
+                     for name, v in values.items()}
+            for module, values in params.items()}
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """Splits the leading (batch) dim over `data` when it divides, else replicates."""
+    return NamedSharding(mesh, _fit(("data",) + (None,) * (len(shape) - 1), shape, mesh))
