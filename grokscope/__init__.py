@@ -1,3 +1,26 @@
-"""grokscope: an interpretability workbench for Grok-1's mixture-of-experts routing."""
+"""grokscope: an interpretability workbench for Grok-1's mixture-of-experts routing.
+
+The public API:
+  ModelConfig, GROK_1       model hyper-parameters (official field names) and the release's values
+  RecordSpec                what the forward records besides logits
+  param_shapes(config)      {path: (shape, dtype)} of every checkpoint tensor, in checkpoint order
+  make_mesh(data, model)    a ("data", "model") device mesh
+  load_params(dir, config)  the release's ckpt-0 layout, validated, placed on a mesh
+  forward(params, config, tokens, record, mesh)  -> .logits, .record
+"""
+
+from grokscope.checkpoint import CheckpointError, load_params, save_params
+from grokscope.config import GROK_1, PRESETS, SMALL, TINY, ModelConfig, load_config
+from grokscope.forward import ForwardOutput, forward, init_params, make_forward, param_shapes
+from grokscope.quant import QuantizedWeight8bit
+from grokscope.record import RecordSpec
+from grokscope.sharding import make_mesh
+from grokscope.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "ForwardOutput", "GROK_1", "ModelConfig", "PRESETS", "QuantizedWeight8bit",
+    "RecordSpec", "SMALL", "TINY", "Tokenizer", "forward", "init_params", "load_config",
+    "load_params", "make_forward", "make_mesh", "param_shapes", "save_params",
+]

@@ -212,6 +212,16 @@ class _CheckpointPickler(pickle._Pickler):
         id(ml_dtypes.bfloat16): ("ml_dtypes", "bfloat16"),
     }
 
+    # The dtype state the release's files carry for bfloat16 (written by ml_dtypes 0.3);
+    # readers that apply it to their bfloat16 singleton (numpy's default unpickler does)
+    # get back exactly the flags they already have.
+    _BFLOAT16_STATE = (3, "<", None, None, None, 2, 2, 80)
+
+    def reducer_override(self, obj):
+        if type(obj) is type(np.dtype(ml_dtypes.bfloat16)) and obj == np.dtype(ml_dtypes.bfloat16):
+            return np.dtype, (ml_dtypes.bfloat16, False, True), self._BFLOAT16_STATE
+        return NotImplemented
+
     def save_global(self, obj, name=None):
         names = self._NAMES.get(id(obj))
         if names is None:

@@ -178,3 +178,26 @@ SMALL = ModelConfig(
 """Four layers, d=256: large enough for sharding and dumps to be meaningful on a CPU."""
 
 PRESETS: dict[str, ModelConfig] = {"grok-1": GROK_1, "tiny": TINY, "small": SMALL}
+
+
+def load_config(spec: str) -> ModelConfig:
+    """A preset name (`grok-1`, `tiny`, `small`) or a JSON file.
+
+    The JSON may be a flat dict of `ModelConfig` fields, the official nested
+    `LanguageModelConfig` dict (with `model`), or a file holding one under
+    `language_model_config` (as the reference fixture's `config.json` does).
+    """
+    import json
+    from pathlib import Path
+
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"config {spec!r}: not a preset ({', '.join(PRESETS)}) and not a JSON file")
+    d = json.loads(path.read_text())
+    if "language_model_config" in d:
+        return ModelConfig.from_official(d["language_model_config"])
+    if "model" in d:
+        return ModelConfig.from_official(d)
+    return ModelConfig.from_dict(d)

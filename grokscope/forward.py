@@ -135,9 +135,11 @@ def forward(params: dict, config: ModelConfig, tokens, record: RecordSpec = Reco
     if positions is None:
         positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
     positions = np.asarray(positions, dtype=np.int32)
-    if mesh is not None:
-        params = shard_params(params, mesh)
-        tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
-        positions = jax.device_put(positions, batch_sharding(mesh, positions.shape))
-    logits, rec = _jitted(config, record, compute_dtype)(params, tokens, positions)
-    return ForwardOutput(logits, rec)
+    fn = _jitted(config, record, compute_dtype)
+    if mesh is None:
+        return ForwardOutput(*fn(params, tokens, positions))
+    params = shard_params(params, mesh)
+    tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
+    positions = jax.device_put(positions, batch_sharding(mesh, positions.shape))
+    with jax.set_mesh(mesh):
+        return ForwardOutput(*fn(params, tokens, positions))

@@ -22,7 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from grokscope.quant import QuantizedWeight8bit
 
-__all__ = ["make_mesh", "partition_spec", "param_sharding", "shard_params", "batch_sharding"]
+__all__ = ["make_mesh", "partition_spec", "param_sharding", "shard_params", "batch_sharding",
+           "constrain"]
 
 AXES = ("data", "model")
 
@@ -53,7 +54,7 @@ def make_mesh(data: int = 1, model: int | None = None, devices: Sequence[jax.Dev
     return Mesh(grid, AXES)
 
 
-def _fit(spec: tuple, shape: Sequence[int], mesh: Mesh) -> P:
+def _fit(spec: tuple, shape: Sequence[int], mesh) -> P:
     """Drops mesh axes that do not divide their dimension."""
     fitted = []
     for entry, size in zip(spec, shape):
@@ -96,3 +97,15 @@ def shard_params(params: dict, mesh: Mesh) -> dict:
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     """Splits the leading (batch) dim over `data` when it divides, else replicates."""
     return NamedSharding(mesh, _fit(("data",) + (None,) * (len(shape) - 1), shape, mesh))
+
+
+def constrain(x: jax.Array, *spec) -> jax.Array:
+    """Asks for `x` to be laid out as `spec` on the mesh in context; a no-op without one.
+
+    Used inside the model (which never holds a mesh itself): the forward sets the mesh
+    with `jax.set_mesh` when it runs sharded. Axes that do not divide are dropped.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, _fit(spec, x.shape, mesh))

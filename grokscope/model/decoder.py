@@ -10,6 +10,7 @@ from grokscope.model.attention import MultiHeadAttention
 from grokscope.model.moe import MoELayer, Router
 from grokscope.model.norm import RMSNorm
 from grokscope.record import probe
+from grokscope.sharding import constrain
 
 
 class DecoderLayer(hk.Module):
@@ -38,5 +39,6 @@ class Transformer(hk.Module):
 
     def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
         for i in range(self.config.num_layers):
+            h = constrain(h, "data", None, None)  # [B, T, D]: batch split, width replicated
             h = DecoderLayer(self.config, name=f"decoder_layer_{i}")(h, mask, positions)
-        return h
+        return constrain(h, "data", None, None)

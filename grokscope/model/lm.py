@@ -11,6 +11,7 @@ import numpy as np
 from grokscope.config import ModelConfig
 from grokscope.model.decoder import Transformer
 from grokscope.model.norm import RMSNorm
+from grokscope.sharding import constrain
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -35,7 +36,9 @@ class InOutEmbed(hk.Module):
                                 jnp.float32, init=hk.initializers.TruncatedNormal(1.0))
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self._table(), tokens, axis=0)
+        # The table's width is split over the whole mesh; re-split the looked-up [B, T, D]
+        # by batch on `data` and width on `model`, as the release shards activations.
+        return constrain(jnp.take(self._table(), tokens, axis=0), "data", None, "model")
 
     def decode(self, h: jax.Array) -> jax.Array:
         return jnp.einsum("btd,vd->btv", h, self._table().astype(h.dtype))

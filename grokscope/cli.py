@@ -1,0 +1,127 @@
+"""Command line: `grokscope inspect | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _resolve_config(checkpoint_dir: Path, spec: str | None):
+    from grokscope.config import load_config
+
+    if spec is not None:
+        return load_config(spec)
+    own = checkpoint_dir / "config.json"
+    if own.is_file():
+        return load_config(str(own))
+    raise ValueError(f"{checkpoint_dir}: no config.json here; pass --config PRESET|FILE.json")
+
+
+def cmd_inspect(args) -> int:
+    from grokscope.checkpoint import CheckpointError, check_tensor, read_tensor, tensor_path
+    from grokscope.forward import param_shapes
+    from grokscope.quant import QuantizedWeight8bit
+
+    ckpt = Path(args.checkpoint_dir)
+    try:
+        config = _resolve_config(ckpt, args.config)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shapes = param_shapes(config)
+    print(f"{'#':>4}  {'path':<58} {'shape':<20} {'dtype':<9} {'quant':<11} {'bytes':>10}")
+    total = 0
+    for index, (path, expected) in enumerate(shapes.items()):
+        file = tensor_path(ckpt, index)
+        try:
+            value = read_tensor(file)
+            check_tensor(value, path, expected, str(file))
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if isinstance(value, QuantizedWeight8bit):
+            dtype, quant, nbytes = "int8", f"{value.n_blocks} block{'s' if value.n_blocks > 1 else ''}", value.nbytes
+        else:
+            dtype, quant, nbytes = str(value.dtype), "-", value.nbytes
+        total += nbytes
+        print(f"{index:>4}  {path:<58} {str(tuple(value.shape)):<20} {dtype:<9} {quant:<11} {nbytes:>10}")
+    extra = sorted(p.name for p in (ckpt / "ckpt-0").iterdir()
+                   if p.name.startswith("tensor") and int(p.name[6:11]) >= len(shapes))
+    if extra:
+        print(f"error: {ckpt / 'ckpt-0'}: {len(extra)} unexpected tensor files, first {extra[0]}; "
+              f"is the config right?", file=sys.stderr)
+        return 1
+    print(f"{len(shapes)} tensors, {_human(total)}; all match the config "
+          f"({config.num_layers} layers, d={config.emb_size}, {config.num_experts} experts top-{config.num_selected_experts})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import jax
+
+    from grokscope.checkpoint import load_params, save_params
+    from grokscope.config import load_config
+    from grokscope.forward import forward, init_params
+    from grokscope.sharding import make_mesh
+
+    config = load_config(args.preset)
+    out = Path(args.checkpoint_out) if args.checkpoint_out else Path(tempfile.mkdtemp(prefix="grokscope-"))
+    t0 = time.perf_counter()
+    save_params(init_params(config, seed=args.seed), out, config)
+    print(f"wrote a random {args.preset} checkpoint (seed {args.seed}) in the release's layout to {out}/ckpt-0")
+    n = jax.device_count()
+    mesh = make_mesh(data=1, model=n)
+    params = load_params(out, config, mesh=mesh)
+    print(f"loaded it onto a (data=1, model={n}) mesh of {jax.devices()[0].platform} devices")
+    rng = np.random.default_rng(args.seed)
+    tokens = rng.integers(3, config.vocab_size, size=(args.batch, args.seq_len), dtype=np.int32)
+    result = forward(params, config, tokens, mesh=mesh)
+    index = np.asarray(result.record["expert_index"])  # [B, T, L, k]
+    gate = np.asarray(result.record["expert_gate"])
+    print(f"forward: {args.batch} x {args.seq_len} tokens in {time.perf_counter() - t0:.1f} s (incl. compile)")
+    E = config.num_experts
+    print("\nshare of tokens whose first choice is each expert, by layer")
+    print("layer " + " ".join(f"{e:>6}" for e in range(E)) + "   top-2 gate mass")
+    for layer in range(config.num_layers):
+        load = np.bincount(index[:, :, layer, 0].ravel(), minlength=E) / index[:, :, layer, 0].size
+        mass = gate[:, :, layer].sum(-1).mean()
+        print(f"{layer:>5} " + " ".join(f"{x:>6.1%}" for x in load) + f"   {mass:.3f}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="grokscope", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list and validate every tensor of a checkpoint")
+    p.add_argument("checkpoint_dir", help="directory holding ckpt-0/")
+    p.add_argument("--config", help="preset (grok-1, tiny, small) or JSON file; default CHECKPOINT_DIR/config.json")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="write a random checkpoint, load it sharded, run it, print routing")
+    p.add_argument("--preset", default="small", help="model preset (default: small)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--checkpoint-out", help="where to write the checkpoint (default: a temp dir)")
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""SentencePiece tokenizer wrapper: ids, the model's own pieces, and display strings."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import sentencepiece as spm
+
+__all__ = ["Tokenizer", "display_piece"]
+
+_VISIBLE = {" ": "·", "\u2581": "·", "\n": "↵", "\t": "→", "\r": "␍"}
+
+
+def display_piece(piece: str) -> str:
+    """A piece with its whitespace made visible (space ·, newline ↵, tab →)."""
+    return "".join(_VISIBLE.get(ch, ch) for ch in piece)
+
+
+class Tokenizer:
+    """A SentencePiece model, e.g. Grok-1's `tokenizer.model` (131,072 pieces)."""
+
+    def __init__(self, model_file: str | os.PathLike):
+        self.path = Path(model_file)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {self.path}")
+        data = self.path.read_bytes()
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self._sp = spm.SentencePieceProcessor(model_proto=data)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def pieces(self, ids) -> list[str]:
+        """The model's own piece for every id (SentencePiece's ▁ marks a leading space)."""
+        return [self._sp.id_to_piece(int(i)) for i in ids]
+
+    def ids_from_pieces(self, pieces) -> list[int]:
+        return [self._sp.piece_to_id(p) for p in pieces]
+
+    def display(self, ids) -> list[str]:
+        """Pieces with whitespace made visible, for labels in plots."""
+        return [display_piece(p) for p in self.pieces(ids)]
+
+    def identity(self) -> dict:
+        return {"path": str(self.path.resolve()), "sha256": self.sha256, "vocab_size": self.vocab_size}
