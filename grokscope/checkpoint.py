@@ -15,10 +15,12 @@ parallel, so host memory holds only the tensors in flight.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import os
 import pickle
+import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -101,17 +103,19 @@ def read_tensor(file: str | os.PathLike) -> np.ndarray | QuantizedWeight8bit:
     """Safely unpickles one checkpoint file into a numpy array or a QuantizedWeight8bit."""
     file = Path(file)
     try:
-        data = file.read_bytes()
+        handle = open(file, "rb")
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing") from None
-    if not data:
-        raise CheckpointError(f"{file}: empty file")
-    try:
-        value = _SafeUnpickler(io.BytesIO(data), str(file)).load()
-    except CheckpointError:
-        raise
-    except Exception as e:  # truncated or malformed pickles raise a variety of errors
-        raise CheckpointError(f"{file}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
+    with handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise CheckpointError(f"{file}: empty file")
+        try:
+            # Streamed from the file: a tensor's bytes are held once as read, once as the array.
+            value = _SafeUnpickler(handle, str(file)).load()
+        except CheckpointError:
+            raise
+        except Exception as e:  # truncated or malformed pickles raise a variety of errors
+            raise CheckpointError(f"{file}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
     if isinstance(value, QuantizedWeight8bit):
         extra = sorted(set(vars(value)) - {"weight", "scales"})
         if extra or not {"weight", "scales"} <= set(vars(value)):
@@ -168,15 +172,37 @@ def _check_file_set(checkpoint_dir: Path, n: int, shard: int) -> None:
                               f"first {extra[0]}; is the config right?")
 
 
+class _ByteBudget:
+    """Blocks readers while more than `limit` bytes are in flight (one tensor always may go)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, n: int):
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
 def load_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, mesh: Mesh | None = None,
-                max_workers: int = 8, shard: int = 0) -> dict:
+                max_workers: int = 8, max_inflight_bytes: int = 2 * 1024**3, shard: int = 0) -> dict:
     """Loads `checkpoint_dir/ckpt-0` into a haiku params dict, validated, placed on `mesh`.
 
     Args:
       checkpoint_dir: the directory that holds `ckpt-0/`.
       config: the model the checkpoint is for.
       mesh: place each tensor on this mesh by the release's partition rules; default one device.
-      max_workers: tensors read and placed concurrently (bounds host memory in flight).
+      max_workers: tensors read and placed concurrently.
+      max_inflight_bytes: host memory that tensors being read may take at once (a tensor
+        is counted twice: as read and as an array); one larger tensor still goes alone.
       shard: the host index in the file names.
 
     Raises:
@@ -187,13 +213,19 @@ def load_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, mesh: Me
     _check_file_set(checkpoint_dir, len(shapes), shard)
     device = None if mesh is not None else jax.devices()[0]
 
+    budget = _ByteBudget(max_inflight_bytes)
+
     def load_one(index_path):
         index, path = index_path
         file = tensor_path(checkpoint_dir, index, shard)
-        value = read_tensor(file)
-        check_tensor(value, path, shapes[path], str(file))
-        target = param_sharding(path, value, mesh) if mesh is not None else device
-        return path, jax.device_put(value, target)
+        with budget.reserve(2 * file.stat().st_size):
+            value = read_tensor(file)
+            check_tensor(value, path, shapes[path], str(file))
+            target = param_sharding(path, value, mesh) if mesh is not None else device
+            placed = jax.device_put(value, target)
+            jax.block_until_ready(placed)
+            del value
+        return path, placed
 
     params: dict[str, dict[str, Any]] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max_workers) as pool:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from grokscope.config import ModelConfig
-from grokscope.model.linear import Linear
+from grokscope.model.linear import HIGHEST, Linear
 from grokscope.model.rope import apply_rope
 
 ATTN_LOGIT_CAP = 30.0
@@ -42,10 +42,10 @@ class MultiHeadAttention(hk.Module):
         q = apply_rope(q, positions)
         k = apply_rope(k, positions)
         q = q.reshape(B, T, G, H // G, K)  # [B, T, G, R, K]
-        logits = jnp.einsum("btgrk,bsgk->bgrts", q, k).astype(jnp.float32)  # [B, G, R, T, S]
+        logits = jnp.einsum("btgrk,bsgk->bgrts", q, k, precision=HIGHEST).astype(jnp.float32)  # [B, G, R, T, S]
         logits = logits * c.attn_output_multiplier
         logits = ATTN_LOGIT_CAP * jnp.tanh(logits / ATTN_LOGIT_CAP)
         logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
         weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # [B, G, R, T, S]
-        out = jnp.einsum("bgrts,bsgk->btgrk", weights, v).reshape(B, T, H * K)
+        out = jnp.einsum("bgrts,bsgk->btgrk", weights, v, precision=HIGHEST).reshape(B, T, H * K)
         return Linear(c.emb_size, name="linear")(out)

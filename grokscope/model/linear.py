@@ -8,6 +8,10 @@ import jax.numpy as jnp
 
 from grokscope.quant import dequantize
 
+# Every matmul asks for full precision: on GPUs the default would run float32 products
+# as TF32, which moves routing decisions; bfloat16 inputs are unaffected.
+HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def fan_in_init(scale: float = 1.0):
     """Truncated normal with std scale / sqrt(fan_in); fan_in is the second-to-last dim."""
@@ -30,4 +34,4 @@ class Linear(hk.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         w = hk.get_parameter("w", [x.shape[-1], self.output_size], jnp.float32,
                              init=fan_in_init(self.init_scale))
-        return jnp.einsum("...i,io->...o", x, dequantize(w, x.dtype))
+        return jnp.einsum("...i,io->...o", x, dequantize(w, x.dtype), precision=HIGHEST)

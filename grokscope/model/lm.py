@@ -10,6 +10,7 @@ import numpy as np
 
 from grokscope.config import ModelConfig
 from grokscope.model.decoder import Transformer
+from grokscope.model.linear import HIGHEST
 from grokscope.model.norm import RMSNorm
 from grokscope.sharding import constrain
 
@@ -41,7 +42,7 @@ class InOutEmbed(hk.Module):
         return constrain(jnp.take(self._table(), tokens, axis=0), "data", None, "model")
 
     def decode(self, h: jax.Array) -> jax.Array:
-        return jnp.einsum("btd,vd->btv", h, self._table().astype(h.dtype))
+        return jnp.einsum("btd,vd->btv", h, self._table().astype(h.dtype), precision=HIGHEST)
 
 
 class LanguageModel(hk.Module):

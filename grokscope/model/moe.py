@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from grokscope.config import ModelConfig
-from grokscope.model.linear import fan_in_init
+from grokscope.model.linear import HIGHEST, fan_in_init
 from grokscope.quant import dequantize
 from grokscope.record import probe
 
@@ -34,8 +34,7 @@ class Router(hk.Module):
         """x: [B, T, D] -> (router_logits [B, T, E] f32, probs [B, T, E] f32)."""
         w = hk.get_parameter("w", [x.shape[-1], self.config.num_experts], jnp.float32,
                              init=fan_in_init(2.0))
-        logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), w.astype(jnp.float32),
-                            precision=jax.lax.Precision.HIGHEST)
+        logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), w.astype(jnp.float32), precision=HIGHEST)
         return logits, jax.nn.softmax(logits, axis=-1)
 
 
@@ -71,10 +70,10 @@ class MoELayer(hk.Module):
         # Gate of every expert: the top-k probability where selected, 0 elsewhere.
         dense_gates = jnp.einsum(
             "btk,btke->bte", gates.astype(x.dtype).astype(jnp.float32),
-            jax.nn.one_hot(index, E, dtype=jnp.float32))  # [B, T, E]
+            jax.nn.one_hot(index, E, dtype=jnp.float32), precision=HIGHEST)  # [B, T, E]
 
-        h_gate = jnp.einsum("btd,edf->btef", x, w_gate).astype(jnp.float32)  # [B, T, E, F]
-        h_up = jnp.einsum("btd,edf->btef", x, w_up).astype(jnp.float32)
+        h_gate = jnp.einsum("btd,edf->btef", x, w_gate, precision=HIGHEST).astype(jnp.float32)  # [B, T, E, F]
+        h_up = jnp.einsum("btd,edf->btef", x, w_up, precision=HIGHEST).astype(jnp.float32)
         hidden = jax.nn.gelu(h_gate, approximate=True) * h_up
-        out = jnp.einsum("btef,efd->bted", hidden, w_down.astype(jnp.float32))  # [B, T, E, D]
-        return jnp.einsum("bte,bted->btd", dense_gates, out).astype(x.dtype)
+        out = jnp.einsum("btef,efd->bted", hidden, w_down.astype(jnp.float32), precision=HIGHEST)  # [B, T, E, D]
+        return jnp.einsum("bte,bted->btd", dense_gates, out, precision=HIGHEST).astype(x.dtype)
