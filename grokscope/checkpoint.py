@@ -35,7 +35,7 @@ from grokscope.quant import QuantizedWeight8bit, quantize
 from grokscope.sharding import param_sharding
 
 __all__ = ["CheckpointError", "read_tensor", "load_params", "save_params", "tensor_path",
-           "checkpoint_identity", "check_tensor"]
+           "checkpoint_identity", "check_tensor", "check_file_set"]
 
 _RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
 
@@ -157,7 +157,9 @@ def tensor_path(checkpoint_dir: str | os.PathLike, index: int, shard: int = 0) -
     return Path(checkpoint_dir) / "ckpt-0" / f"tensor{index:05d}_{shard:03d}"
 
 
-def _check_file_set(checkpoint_dir: Path, n: int, shard: int) -> None:
+def check_file_set(checkpoint_dir: str | os.PathLike, n: int, shard: int = 0) -> None:
+    """Raises CheckpointError unless ckpt-0/ holds exactly tensor files 0..n-1 for `shard`."""
+    checkpoint_dir = Path(checkpoint_dir)
     ckpt = checkpoint_dir / "ckpt-0"
     if not ckpt.is_dir():
         raise CheckpointError(f"{checkpoint_dir}: no ckpt-0/ directory (expected {ckpt}/tensor00000_{shard:03d} ...)")
@@ -210,7 +212,7 @@ def load_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, mesh: Me
     """
     checkpoint_dir = Path(checkpoint_dir)
     shapes = param_shapes(config)
-    _check_file_set(checkpoint_dir, len(shapes), shard)
+    check_file_set(checkpoint_dir, len(shapes), shard)
     device = None if mesh is not None else jax.devices()[0]
 
     budget = _ByteBudget(max_inflight_bytes)

@@ -31,7 +31,7 @@ def _resolve_config(checkpoint_dir: Path, spec: str | None):
 
 
 def cmd_inspect(args) -> int:
-    from grokscope.checkpoint import CheckpointError, check_tensor, read_tensor, tensor_path
+    from grokscope.checkpoint import CheckpointError, check_file_set, check_tensor, read_tensor, tensor_path
     from grokscope.forward import param_shapes
     from grokscope.quant import QuantizedWeight8bit
 
@@ -42,6 +42,11 @@ def cmd_inspect(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shapes = param_shapes(config)
+    try:
+        check_file_set(ckpt, len(shapes))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"{'#':>4}  {'path':<58} {'shape':<20} {'dtype':<9} {'quant':<11} {'bytes':>10}")
     total = 0
     for index, (path, expected) in enumerate(shapes.items()):
@@ -58,12 +63,6 @@ def cmd_inspect(args) -> int:
             dtype, quant, nbytes = str(value.dtype), "-", value.nbytes
         total += nbytes
         print(f"{index:>4}  {path:<58} {str(tuple(value.shape)):<20} {dtype:<9} {quant:<11} {nbytes:>10}")
-    extra = sorted(p.name for p in (ckpt / "ckpt-0").iterdir()
-                   if p.name.startswith("tensor") and int(p.name[6:11]) >= len(shapes))
-    if extra:
-        print(f"error: {ckpt / 'ckpt-0'}: {len(extra)} unexpected tensor files, first {extra[0]}; "
-              f"is the config right?", file=sys.stderr)
-        return 1
     print(f"{len(shapes)} tensors, {_human(total)}; all match the config "
           f"({config.num_layers} layers, d={config.emb_size}, {config.num_experts} experts top-{config.num_selected_experts})")
     return 0

@@ -24,9 +24,19 @@ def test_inspect_names_the_first_problem(tmp_path, fixture_dir, capsys):
     assert "tensor00013_000: truncated or corrupt pickle" in err
 
 
-def test_inspect_with_the_wrong_config(fixture_dir, capsys):
+def test_inspect_with_the_wrong_config(fixture_dir, tmp_path, capsys):
+    import dataclasses
+    import json
+
+    from grokscope import TINY
+
     assert main(["inspect", str(fixture_dir), "--config", "small"]) == 1
-    assert "expected shape" in capsys.readouterr().err
+    assert "24 of 50 tensor files missing" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(dataclasses.asdict(dataclasses.replace(TINY, num_kv_heads=4))))
+    assert main(["inspect", str(fixture_dir), "--config", str(wrong)]) == 1
+    assert ("tensor00005_000 (transformer/decoder_layer_0/multi_head_attention/key/w): weight: "
+            "expected shape (64, 64), got (64, 32)") in capsys.readouterr().err
 
 
 def test_inspect_without_a_config(tmp_path, capsys):
@@ -43,3 +53,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "(data=1, model=8)" in result.stdout and "top-2 gate mass" in result.stdout
     assert len(list((tmp_path / "ck" / "ckpt-0").iterdir())) == 26
+
+
+def test_inspect_names_a_missing_file(tmp_path, fixture_dir, capsys):
+    shutil.copytree(fixture_dir / "ckpt-0", tmp_path / "ckpt-0")
+    (tmp_path / "ckpt-0" / "tensor00020_000").unlink()
+    (tmp_path / "ckpt-0" / "notes.txt").write_text("not a tensor")
+    assert main(["inspect", str(tmp_path), "--config", str(fixture_dir / "config.json")]) == 1
+    assert "first tensor00020_000" in capsys.readouterr().err
