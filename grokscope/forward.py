@@ -52,7 +52,7 @@ def release_scale_blocks(path: str, shape: tuple[int, ...]) -> int:
 
 def _transformed(config: ModelConfig, spec: RecordSpec, compute_dtype: str = "float32"):
     def fn(tokens, positions):
-        with hk.custom_setter(record_filter(spec)):
+        with hk.custom_setter(record_filter(spec, config)):
             return forward_fn(config, tokens, positions, compute_dtype)
 
     return hk.transform_with_state(fn)
@@ -97,7 +97,7 @@ def make_forward(config: ModelConfig, spec: RecordSpec = RecordSpec(),
 
     def apply(params, tokens, positions):
         logits, state = f.apply(params, {}, None, tokens, positions)
-        return logits, collect(state, config.num_layers)
+        return logits, collect(state)
 
     return apply
 

@@ -50,12 +50,13 @@ def test_query_with_every_key_masked_attends_uniformly(tiny_config):
         attn = MultiHeadAttention(tiny_config)
         return attn(x, mask, pos)
 
-    t = hk.transform(f)
+    t = hk.transform_with_state(f)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, tiny_config.emb_size))
     pos = jnp.arange(4)[None]
     mask = jnp.tril(jnp.ones((4, 4), bool))[None].at[:, 0, :].set(False)
-    params = t.init(jax.random.PRNGKey(1), x, mask, pos)
-    out_masked = t.apply(params, None, x, mask, pos)
+    params, _ = t.init(jax.random.PRNGKey(1), x, mask, pos)
+    out_masked, state = t.apply(params, {}, None, x, mask, pos)
+    np.testing.assert_allclose(state["multi_head_attention"]["attn_weights"][0, :, 0], 0.25)
     # row 0 sees all keys, including future ones, with equal weight: the same as
     # attending to every key with logits all equal, i.e. the mean of the values.
     v = x @ params["multi_head_attention/value"]["w"]  # [1, 4, G*K]

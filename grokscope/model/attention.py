@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from grokscope.config import ModelConfig
 from grokscope.model.linear import HIGHEST, Linear
 from grokscope.model.rope import apply_rope
+from grokscope.record import probe
 
 ATTN_LOGIT_CAP = 30.0
 MASK_VALUE = -1e30
@@ -46,6 +47,8 @@ class MultiHeadAttention(hk.Module):
         logits = logits * c.attn_output_multiplier
         logits = ATTN_LOGIT_CAP * jnp.tanh(logits / ATTN_LOGIT_CAP)
         logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
-        weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # [B, G, R, T, S]
+        weights = jax.nn.softmax(logits, axis=-1)  # [B, G, R, T, S] float32
+        probe("attn_weights", weights.reshape(B, H, T, -1))  # head j = g * R + r
+        weights = weights.astype(x.dtype)
         out = jnp.einsum("bgrts,bsgk->btgrk", weights, v, precision=HIGHEST).reshape(B, T, H * K)
         return Linear(c.emb_size, name="linear")(out)

@@ -27,7 +27,9 @@ class DecoderLayer(hk.Module):
         router_logits, probs = Router(self.config)(x)
         probe("router_logits", router_logits)
         moe_out = MoELayer(self.config)(x, probs)
-        return h + RMSNorm(name="rms_norm_3")(moe_out)
+        h = h + RMSNorm(name="rms_norm_3")(moe_out)
+        probe("residual", h)
+        return h
 
 
 class Transformer(hk.Module):
