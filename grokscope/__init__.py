@@ -7,19 +7,25 @@ The public API:
   make_mesh(data, model)    a ("data", "model") device mesh
   load_params(dir, config)  the release's ckpt-0 layout, validated, placed on a mesh
   forward(params, config, tokens, record, mesh)  -> .logits, .record
+  Session                   a loaded model; session.run(text) -> xarray.Dataset
+  dump(prompts, out, ...)   prompts -> zarr store (resumable); open_store(path_or_url) -> xarray.Dataset
 """
 
 from grokscope.checkpoint import CheckpointError, load_params, save_params
 from grokscope.config import GROK_1, PRESETS, SMALL, TINY, ModelConfig, load_config
 from grokscope.forward import ForwardOutput, forward, init_params, make_forward, param_shapes
 from grokscope.quant import QuantizedWeight8bit
-from grokscope.record import RecordSpec
+from grokscope.dump import DumpError, dump
+from grokscope.record import AttentionSpec, RecordSpec
+from grokscope.session import Session
+from grokscope.store import StoreError, open_store, token_pieces
 from grokscope.sharding import make_mesh
 from grokscope.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionSpec", "DumpError", "Session", "StoreError", "dump", "open_store", "token_pieces",
     "CheckpointError", "ForwardOutput", "GROK_1", "ModelConfig", "PRESETS", "QuantizedWeight8bit",
     "RecordSpec", "SMALL", "TINY", "Tokenizer", "forward", "init_params", "load_config",
     "load_params", "make_forward", "make_mesh", "param_shapes", "save_params",

@@ -1,4 +1,4 @@
-"""Command line: `grokscope inspect | demo`."""
+"""Command line: `grokscope dump | inspect | demo`."""
 
 from __future__ import annotations
 
@@ -101,9 +101,54 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_dump(args) -> int:
+    from grokscope.checkpoint import CheckpointError
+    from grokscope.dump import DumpError, dump
+    from grokscope.record import RecordSpec
+    from grokscope.store import StoreError
+
+    try:
+        record = RecordSpec.parse(args.record)
+        mesh = None
+        if args.mesh:
+            from grokscope.sharding import make_mesh
+
+            data, _, model = args.mesh.partition("x")
+            mesh = make_mesh(int(data), int(model))
+        summary = dump(args.prompts, args.out, checkpoint=args.checkpoint, tokenizer=args.tokenizer,
+                       config=args.config, record=record, batch_size=args.batch_size, max_len=args.max_len,
+                       truncate=args.truncate, compute_dtype=args.compute_dtype, mesh=mesh,
+                       progress=not args.quiet)
+    except (DumpError, StoreError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.out} is resumable; run the same command again to continue", file=sys.stderr)
+        return 130
+    print(summary)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="grokscope", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dump", help="record routing (and attention, residuals) for a prompt file into a zarr store")
+    p.add_argument("--prompts", required=True, help=".txt (a prompt per line) or .jsonl ({\"text\": ..., \"label\": ...})")
+    p.add_argument("--out", required=True, help="the store, e.g. activations/NAME.zarr (an unfinished one resumes)")
+    p.add_argument("--checkpoint", help="directory holding ckpt-0/ (default: the bundled model)")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: CHECKPOINT/tokenizer.model)")
+    p.add_argument("--config", help="preset or JSON (default: CHECKPOINT/config.json)")
+    p.add_argument("--record", default="routing",
+                   help="what to record, e.g. routing,attention:layers=0-3:heads=all:format=topk:k=16,residual:layers=0,2 "
+                        "(attention formats: full, head_mean, topk)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, help="positions per sequence (default: the model's sequence_len)")
+    p.add_argument("--truncate", choices=["left", "right"], help="truncate longer prompts instead of failing")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_dump)
 
     p = sub.add_parser("inspect", help="list and validate every tensor of a checkpoint")
     p.add_argument("checkpoint_dir", help="directory holding ckpt-0/")

@@ -26,7 +26,8 @@ Quantities (see `QUANTITIES` for dims and dtypes):
   attn_weights             attention probabilities per selected head ("full").
   attn_weights_head_mean   their mean over the selected heads ("head_mean").
   attn_topk_index/weight   for each query, the k keys with the largest weights and those
-                           weights ("topk"; sparse, scales to long contexts).
+                           weights ("topk"; sparse, scales to long contexts); index -1 where a
+                           query has fewer than k keys it may attend to.
   residual                 the residual stream after the decoder layer.
 
 Modules offer quantities with `probe(name, value)`; a `RecordSpec` decides, at trace time,
@@ -290,7 +291,8 @@ def record_filter(spec: RecordSpec, config):
                 return next_setter({"attn_weights_head_mean": heads.mean(axis=1)})
             k = min(attention.k, heads.shape[-1])
             weight, index = jax.lax.top_k(heads, k)  # [B, h, T, k]
-            return next_setter({"attn_topk_index": index.astype(jnp.int32), "attn_topk_weight": weight})
+            index = jnp.where(weight > 0, index, -1).astype(jnp.int32)  # -1: no key (fewer than k allowed)
+            return next_setter({"attn_topk_index": index, "attn_topk_weight": weight})
         return hk.DO_NOT_STORE
 
     return setter

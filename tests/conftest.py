@@ -55,3 +55,27 @@ def tiny_params(tiny_config):
     from grokscope import init_params
 
     return init_params(tiny_config, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_config, tiny_params):
+    """A random TINY model in the release's layout, with config.json and a 512-piece tokenizer."""
+    import dataclasses
+    import json
+    import sysconfig
+
+    import sentencepiece as spm
+
+    from grokscope import save_params
+
+    directory = tmp_path_factory.mktemp("tiny-model")
+    save_params(tiny_params, directory, tiny_config)
+    (directory / "config.json").write_text(json.dumps(dataclasses.asdict(tiny_config)))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = "\n".join((stdlib / name).read_text() for name in ("textwrap.py", "string.py", "this.py"))
+    sentences = [line for line in text.splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(directory / "tokenizer"), vocab_size=400,
+        model_type="bpe", byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+        num_threads=1, minloglevel=2)
+    return directory

@@ -1,0 +1,170 @@
+"""Interactive use: load a model once, run prompts, get the store's Dataset back in memory.
+
+`Session()` loads the bundled default model; `Session(checkpoint=DIR, tokenizer=FILE,
+config=...)` any checkpoint in the release's layout. `session.run(...)` returns the same
+`xarray.Dataset` (names, dims, dtypes) that `open_store` gives for a dump.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from jax.sharding import Mesh
+
+from grokscope.config import ModelConfig, load_config
+from grokscope.record import RecordSpec
+from grokscope.tokenizer import Tokenizer
+
+__all__ = ["Session", "LoadedModel", "load_model", "resolve_model", "default_model_dir", "bucket_length"]
+
+BUNDLED = "grok-tiny"
+
+
+def default_model_dir() -> Path:
+    """The bundled default model's directory (checkpoint, tokenizer.model, config.json)."""
+    return Path(__file__).resolve().parent / "assets" / BUNDLED
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    params: dict
+    tokenizer: Tokenizer
+    checkpoint_identity: dict
+    mesh: Mesh | None
+    directory: Path
+
+
+def resolve_model(checkpoint: str | Path | None = None, tokenizer: str | Path | None = None,
+                  config: ModelConfig | str | None = None) -> LoadedModel:
+    """Config, tokenizer and checkpoint identity, without loading any parameter (params={})."""
+    from grokscope.checkpoint import checkpoint_identity
+
+    directory = Path(checkpoint) if checkpoint is not None else default_model_dir()
+    if not (directory / "ckpt-0").is_dir():
+        if checkpoint is None:
+            raise FileNotFoundError(f"the bundled model is missing at {directory}; pass a checkpoint directory")
+        raise FileNotFoundError(f"{directory}: no ckpt-0/ directory (expected the directory that holds ckpt-0/)")
+    if config is None:
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"{directory}: no config.json; pass config= (a preset name, JSON file or ModelConfig)")
+        config = load_config(str(directory / "config.json"))
+    elif isinstance(config, str):
+        config = load_config(config)
+    tokenizer_file = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.model"
+    tok = Tokenizer(tokenizer_file)
+    if tok.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_file} has {tok.vocab_size} pieces, more than the model's "
+                         f"vocab_size {config.vocab_size}")
+    return LoadedModel(config, {}, tok, checkpoint_identity(directory), None, directory)
+
+
+def load_model(checkpoint: str | Path | None = None, tokenizer: str | Path | None = None,
+               config: ModelConfig | str | None = None, mesh: Mesh | None = None,
+               resolved: LoadedModel | None = None) -> LoadedModel:
+    """Loads params (validated, on `mesh`), tokenizer and config.
+
+    With no `checkpoint`, the bundled model. `config` defaults to `CHECKPOINT/config.json`;
+    `tokenizer` to `CHECKPOINT/tokenizer.model`. `resolved` (from `resolve_model`) skips the
+    resolution.
+    """
+    from grokscope.checkpoint import load_params
+
+    model = resolved or resolve_model(checkpoint, tokenizer, config)
+    params = load_params(model.directory, model.config, mesh=mesh)
+    return dataclasses.replace(model, params=params, mesh=mesh)
+
+
+def bucket_length(n: int, max_len: int, multiple: int = 16) -> int:
+    """Pads a batch's length up to a multiple of `multiple` (fewer recompilations), at most max_len."""
+    return min(max_len, max(multiple, -(-n // multiple) * multiple))
+
+
+class Session:
+    """A loaded model for interactive exploration.
+
+    Attributes:
+      config: the model's ModelConfig.
+      tokenizer: its Tokenizer.
+      params: its parameters (on `mesh` if given).
+    """
+
+    def __init__(self, checkpoint: str | Path | None = None, tokenizer: str | Path | None = None,
+                 config: ModelConfig | str | None = None, mesh: Mesh | None = None,
+                 record: RecordSpec = RecordSpec(), compute_dtype: str = "float32"):
+        self._model = load_model(checkpoint, tokenizer, config, mesh)
+        self.record = record
+        self.compute_dtype = compute_dtype
+
+    @property
+    def config(self) -> ModelConfig:
+        return self._model.config
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._model.tokenizer
+
+    @property
+    def params(self) -> dict:
+        return self._model.params
+
+    def run(self, prompts: str | Sequence[str], record: RecordSpec | None = None,
+            metadata: dict[str, Sequence[Any]] | None = None):
+        """Runs one prompt or a list of them; returns the store's Dataset, in memory.
+
+        Args:
+          prompts: a string or a list of strings.
+          record: what to record (default: the session's RecordSpec).
+          metadata: optional per-prompt columns, e.g. {"label": ["code", "prose"]}.
+        """
+        from grokscope.dump import encode_prompts, run_batch
+        from grokscope.store import dataset_from_arrays, layout, mask_padding
+
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not texts:
+            raise ValueError("Session.run: no prompts")
+        record = record or self.record
+        ids = encode_prompts(self.tokenizer, texts, self.config.sequence_len, truncate=None,
+                             lines=list(range(1, len(texts) + 1)), source="Session.run")
+        max_len = max(1, max(len(i) for i in ids))
+        metadata = dict(metadata or {})
+        meta_types = {k: _column_dtype(v) for k, v in metadata.items()}
+        variables, coords = layout(self.config, record, len(texts), max_len, len(texts), meta_types,
+                                   self.tokenizer.vocab_size)
+        tokens, outputs = run_batch(self._model, record, ids, bucket_length(max_len, self.config.sequence_len),
+                                    self.compute_dtype)
+        arrays = {name: np.zeros(v.shape, dtype=object if v.dtype is str else v.dtype)
+                  for name, v in variables.items()}
+        arrays["tokens"][:] = tokens[:, :max_len]
+        arrays["length"][:] = [len(i) for i in ids]
+        arrays["prompt"][:] = texts
+        arrays["done"][:] = True
+        arrays["vocab_piece"][:] = self.tokenizer.pieces(range(self.tokenizer.vocab_size))
+        for name, values in metadata.items():
+            arrays[name][:] = values
+        lengths = arrays["length"]
+        for name, value in outputs.items():
+            target = arrays[name]
+            target[...] = variables[name].fill_value
+            region = tuple(slice(0, min(a, b)) for a, b in zip(target.shape, value.shape))
+            block = np.asarray(value)[region].astype(target.dtype)
+            target[region] = mask_padding(name, block, lengths, [0] * block.ndim)
+        attrs = {"grokscope": {"kind": "session"}, "model_config": self.config.to_dict(),
+                 "checkpoint": self._model.checkpoint_identity, "tokenizer": self.tokenizer.identity(),
+                 "record_spec": record.resolved(self.config).to_dict(), "compute_dtype": self.compute_dtype,
+                 "status": "complete"}
+        return dataset_from_arrays(variables, coords, arrays, json.loads(json.dumps(attrs)))
+
+
+def _column_dtype(values: Sequence[Any]):
+    if all(isinstance(v, bool) for v in values):
+        return np.dtype(bool)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return np.dtype(np.int64)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return np.dtype(np.float64)
+    return str

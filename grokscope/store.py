@@ -1,0 +1,298 @@
+"""The zarr v3 store of a dump: its schema, the background writer, and `open_store`.
+
+One store per dump, every array in the root group with `dimension_names`, so that
+`xarray.open_zarr(path)` alone opens everything. Arrays are pre-sized from the prompt count
+and filled by region; chunks along `sequence` equal the batch size, so writers never share a
+chunk. A batch's `done` flags are written only after all of its data, which is what makes
+resuming exact: a batch that is not `done` is simply computed and written again.
+
+Schema (N sequences, P = max_len positions):
+  tokens        (sequence, position) int32, pad = 0
+  length        (sequence,) int32, tokens before padding
+  prompt        (sequence,) string, the prompt text
+  <metadata>    (sequence,) per-sequence fields of a .jsonl prompt file, e.g. `label`
+  done          (sequence,) bool, the sequence's data is complete
+  vocab_piece   (vocab,) string, the tokenizer's piece for every id (labels without a tokenizer)
+  + the recorded quantities of `grokscope.record.QUANTITIES` selected by the RecordSpec,
+  + coordinates layer, expert, slot, attn_layer, head, residual_layer (true numbers).
+Root attributes: see `provenance` in `grokscope.dump`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import zarr
+
+from grokscope.record import QUANTITIES, RecordSpec
+
+__all__ = ["Variable", "layout", "StoreWriter", "open_store", "token_pieces", "dataset_from_arrays",
+           "StoreError", "RESERVED_NAMES"]
+
+_TARGET_CHUNK_BYTES = 8 * 1024**2
+_FILL = {"expert_index": -1, "attn_topk_index": -1}
+
+RESERVED_NAMES = frozenset({"tokens", "length", "prompt", "done", "vocab_piece", "layer", "expert", "slot",
+                            "attn_layer", "head", "residual_layer"} | set(QUANTITIES))
+
+
+class StoreError(ValueError):
+    """A store cannot be created, resumed or opened as asked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    """One array of the store: its dims, shape, dtype, chunks and attributes."""
+
+    name: str
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: Any
+    chunks: tuple[int, ...]
+    attrs: dict
+    fill_value: Any = 0
+
+
+def _chunks(shape: tuple[int, ...], itemsize: int, seq_chunk: int) -> tuple[int, ...]:
+    """Sequence chunk = the batch; halve the largest other dim until a chunk is <= 8 MB."""
+    chunks = [min(seq_chunk, shape[0])] + list(shape[1:])
+    while np.prod(chunks) * itemsize > _TARGET_CHUNK_BYTES:
+        i = 1 + int(np.argmax(chunks[1:]))
+        if chunks[i] == 1:
+            break
+        chunks[i] = (chunks[i] + 1) // 2
+    return tuple(max(1, c) for c in chunks)
+
+
+def layout(config, spec: RecordSpec, num_sequences: int, max_len: int, batch_size: int,
+           metadata: Mapping[str, np.dtype] | None = None, vocab_size: int | None = None
+           ) -> tuple[dict[str, Variable], dict[str, np.ndarray]]:
+    """Every variable of a store for these settings, and the coordinate arrays.
+
+    Returns ({name: Variable}, {coord name: values}).
+    """
+    spec = spec.resolved(config)
+    attention = spec.attention
+    sizes = {
+        "sequence": num_sequences, "position": max_len, "layer": config.num_layers,
+        "expert": config.num_experts, "slot": config.num_selected_experts,
+        "query": max_len, "key": max_len, "hidden": config.emb_size,
+        "attn_layer": len(attention.layers) if attention else 0,
+        "head": len(attention.heads) if attention else 0,
+        "rank": min(attention.k, max_len) if attention else 0,
+        "residual_layer": len(spec.residual) if spec.residual is not None else 0,
+        "vocab": vocab_size or 0,
+    }
+
+    def var(name, dims, dtype, attrs, fill=0):
+        shape = tuple(sizes[d] for d in dims)
+        itemsize = np.dtype(dtype).itemsize if dtype is not str else 16
+        chunks = _chunks(shape, itemsize, batch_size) if dims[0] == "sequence" else shape
+        return Variable(name, dims, shape, dtype, chunks, attrs, fill)
+
+    variables = {
+        "tokens": var("tokens", ("sequence", "position"), np.int32,
+                      {"long_name": "token id", "units": "id", "description": "token ids, right-padded with 0"}),
+        "length": var("length", ("sequence",), np.int32,
+                      {"long_name": "length", "units": "tokens", "description": "tokens before padding"}),
+        "prompt": var("prompt", ("sequence",), str, {"long_name": "prompt", "units": "text",
+                                                       "description": "the prompt text"}, ""),
+        "done": var("done", ("sequence",), bool, {"long_name": "done", "units": "flag",
+                                                  "description": "the sequence's data is complete"}, False),
+    }
+    for name, dtype in (metadata or {}).items():
+        variables[name] = var(name, ("sequence",), dtype, {"long_name": name, "units": "",
+                                                             "description": "prompt metadata"},
+                              "" if dtype is str else 0)
+    if vocab_size:
+        variables["vocab_piece"] = var("vocab_piece", ("vocab",), str, {
+            "long_name": "token piece", "units": "text", "description": "the tokenizer's piece for every id"}, "")
+    for name in spec.names:
+        q = QUANTITIES[name]
+        variables[name] = var(name, q.dims, np.dtype(q.dtype),
+                              {"long_name": q.long_name, "units": q.units, "description": q.description},
+                              _FILL.get(name, 0))
+    coords = {"layer": np.arange(config.num_layers, dtype=np.int32),
+              "expert": np.arange(config.num_experts, dtype=np.int32),
+              "slot": np.arange(config.num_selected_experts, dtype=np.int32)}
+    if attention:
+        coords["attn_layer"] = np.array(attention.layers, dtype=np.int32)
+        coords["head"] = np.array(attention.heads, dtype=np.int32)
+    if spec.residual is not None:
+        coords["residual_layer"] = np.array(spec.residual, dtype=np.int32)
+    return variables, coords
+
+
+def create(path, variables: Mapping[str, Variable], coords: Mapping[str, np.ndarray], attrs: dict) -> zarr.Group:
+    """Creates the store (refusing to touch an existing path)."""
+    group = zarr.open_group(store=str(path), mode="w-", zarr_format=3)
+    for v in variables.values():
+        group.create_array(v.name, shape=v.shape, dtype=v.dtype, chunks=v.chunks, dimension_names=v.dims,
+                           fill_value=v.fill_value, attributes=v.attrs)
+    for name, values in coords.items():
+        array = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape,
+                                   dimension_names=(name,), attributes={"long_name": name, "units": "index"})
+        array[...] = values
+    group.attrs.update(attrs)
+    return group
+
+
+def _normalise(index: tuple, shape: tuple[int, ...]) -> list[slice]:
+    return [slice(*s.indices(n)[:2]) if isinstance(s, slice) else slice(s, s + 1) for s, n in zip(index, shape)]
+
+
+def mask_padding(name: str, block: np.ndarray, lengths: np.ndarray, starts: Sequence[int]) -> np.ndarray:
+    """Replaces values at padding positions (position or query >= the row's length) by the fill.
+
+    What the model computes at pads depends on how far a batch was padded; the store keeps
+    only what does not. `block` covers rows with these `lengths`, starting at `starts` in
+    each dim of the quantity.
+    """
+    q = QUANTITIES.get(name)
+    if q is None:
+        return block
+    for axis, dim in enumerate(q.dims):
+        if dim in ("position", "query"):
+            index = starts[axis] + np.arange(block.shape[axis])
+            shape = [1] * block.ndim
+            shape[0], shape[axis] = block.shape[0], block.shape[axis]
+            pad = (index[None, :] >= np.asarray(lengths)[:, None]).reshape(shape)
+            block = np.where(pad, np.asarray(_FILL.get(name, 0), dtype=block.dtype), block)
+    return block
+
+
+def write_rows(array: zarr.Array, value, row0: int, n_valid: int, lengths: np.ndarray | None = None,
+               name: str | None = None) -> int:
+    """Writes a batch array [B, ...] at rows row0.. of `array`, its first n_valid rows only.
+
+    A `jax.Array` is written shard by shard (each addressable shard with replica_id 0, i.e.
+    every block exactly once on any mesh); other dims are written from index 0. With
+    `lengths` (per batch row), padding positions are written as the fill value. Returns bytes.
+    """
+    if hasattr(value, "addressable_shards"):
+        pieces = [(s.index, s.data) for s in value.addressable_shards if s.replica_id == 0]
+    else:
+        pieces = [((slice(None),) * np.ndim(value), value)]
+    written = 0
+    for index, data in pieces:
+        region = _normalise(tuple(index) + (slice(None),) * (np.ndim(value) - len(index)), np.shape(value))
+        r0, r1 = region[0].start, min(region[0].stop, n_valid)
+        if r1 <= r0:
+            continue
+        block = np.asarray(data)[: r1 - r0].astype(array.dtype, copy=False)
+        if lengths is not None and name is not None:
+            block = mask_padding(name, block, lengths[r0:r1], [sl.start for sl in region])
+        array[(slice(row0 + r0, row0 + r1),) + tuple(region[1:])] = block
+        written += block.nbytes
+    return written
+
+
+class StoreWriter:
+    """Writes batches to a store from a background thread, through a bounded queue.
+
+    `put` blocks while `max_pending` batches wait, so memory stays bounded however long the
+    run. A failed write is raised (as `StoreError`) from the next `put` or from `close`; the
+    batch it belonged to is not marked done, so the store stays resumable.
+    """
+
+    def __init__(self, group: zarr.Group, max_pending: int = 2):
+        self.group = group
+        self.bytes_written = 0
+        self.seconds_writing = 0.0
+        self._arrays = {name: group[name] for name in group.array_keys()}
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="grokscope-store-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, row0: int, n_valid: int, arrays: Mapping[str, Any]) -> None:
+        """Queues one batch: `arrays` maps variable names to [B, ...] arrays (B >= n_valid),
+        including `length`, which masks the padding positions of recorded quantities."""
+        self._raise_if_failed()
+        self._queue.put((row0, n_valid, dict(arrays)))
+
+    def _run(self):
+        import time
+
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            row0, n_valid, arrays = item
+            try:
+                t0 = time.perf_counter()
+                lengths = np.asarray(arrays["length"])
+                for name, value in arrays.items():
+                    self.bytes_written += write_rows(self._arrays[name], value, row0, n_valid, lengths, name)
+                self._arrays["done"][row0:row0 + n_valid] = True
+                self.seconds_writing += time.perf_counter() - t0
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                self._error = e
+
+    def _raise_if_failed(self):
+        if self._error is not None:
+            raise StoreError(f"writing {self.group.store} failed: {type(self._error).__name__}: {self._error}; "
+                             f"the store is resumable: run the same command again") from self._error
+
+    def close(self) -> None:
+        """Waits for queued batches to be written; raises a write failure if there was one."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+
+def open_store(path_or_url: str, only_done: bool = True, **storage_options):
+    """Opens a dump as a lazy, dask-backed `xarray.Dataset`.
+
+    Args:
+      path_or_url: a local path or any fsspec URL (`file://`, `memory://`, `s3://` with s3fs).
+      only_done: keep only sequences whose data is complete (the default, so a store that is
+        still being written shows what is finished).
+      storage_options: passed to fsspec (e.g. credentials).
+    """
+    import xarray as xr
+
+    try:
+        ds = xr.open_zarr(path_or_url, consolidated=False, chunks={}, zarr_format=3,
+                          storage_options=storage_options or None)
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError) as e:
+        raise StoreError(f"{path_or_url}: not a grokscope store ({type(e).__name__}: {e})") from None
+    if "grokscope" not in ds.attrs:
+        raise StoreError(f"{path_or_url}: a zarr group, but not a grokscope store (no 'grokscope' attribute)")
+    if only_done:
+        ds = ds.isel(sequence=np.flatnonzero(ds["done"].values))
+    return ds
+
+
+def dataset_from_arrays(variables: Mapping[str, Variable], coords: Mapping[str, np.ndarray],
+                        arrays: Mapping[str, np.ndarray], attrs: dict):
+    """An in-memory Dataset with the store's names, dims, dtypes and attributes."""
+    import xarray as xr
+
+    data_vars = {}
+    for name, v in variables.items():
+        value = np.asarray(arrays[name])
+        if v.dtype is str:
+            value = value.astype(np.dtypes.StringDType())
+        else:
+            value = value.astype(v.dtype, copy=False)
+        data_vars[name] = xr.Variable(v.dims, value, attrs=v.attrs)
+    coord_vars = {name: xr.Variable((name,), values, attrs={"long_name": name, "units": "index"})
+                  for name, values in coords.items()}
+    return xr.Dataset(data_vars, coords=coord_vars, attrs=attrs)
+
+
+def token_pieces(ds, sequence: int, visible: bool = True) -> list[str]:
+    """The pieces of one sequence's tokens (up to its length), whitespace made visible."""
+    from grokscope.tokenizer import display_piece
+
+    length = int(ds["length"].values[sequence])
+    ids = np.asarray(ds["tokens"][sequence, :length].values)
+    pieces = np.asarray(ds["vocab_piece"].values)[ids]
+    return [display_piece(str(p)) if visible else str(p) for p in pieces]

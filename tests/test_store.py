@@ -1,0 +1,167 @@
+"""Records through the store: round trips, names, dims, attention invariants, URLs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from grokscope import AttentionSpec, RecordSpec, Session, dump, forward, open_store
+from grokscope.record import QUANTITIES
+from grokscope.store import StoreError
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
+         "import os", "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.",
+         "x = [i * i for i in range(10)]"]
+LABELS = ["code", "prose", "code", "prose", "code"]
+
+SPECS = {
+    "routing": RecordSpec(),
+    "full": RecordSpec(attention=AttentionSpec(format="full")),
+    "head_mean": RecordSpec(routing=False, attention=AttentionSpec(format="head_mean", layers=(1,), heads=(0, 3))),
+    "topk": RecordSpec(attention=AttentionSpec(format="topk", k=5, layers=(0,), heads=(1, 2))),
+    "residual": RecordSpec(routing=False, residual=(0, 1)),
+}
+
+
+@pytest.fixture(scope="module")
+def session(tiny_model_dir):
+    return Session(checkpoint=tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": l, "n": i}) + "\n"
+                            for i, (t, l) in enumerate(zip(TEXTS, LABELS))))
+    return path
+
+
+def test_golden_names_and_dimension_names(tmp_path, tiny_model_dir, prompts_file):
+    spec = RecordSpec(attention=AttentionSpec(format="topk", k=3), residual="all")
+    dump(prompts_file, tmp_path / "s.zarr", checkpoint=tiny_model_dir, record=spec, batch_size=2, max_len=96,
+         progress=False)
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    dims = {name: tuple(group[name].metadata.dimension_names) for name in group.array_keys()}
+    assert dims == {
+        "tokens": ("sequence", "position"), "length": ("sequence",), "prompt": ("sequence",),
+        "done": ("sequence",), "label": ("sequence",), "n": ("sequence",), "vocab_piece": ("vocab",),
+        "router_logits": ("sequence", "position", "layer", "expert"),
+        "expert_index": ("sequence", "position", "layer", "slot"),
+        "expert_gate": ("sequence", "position", "layer", "slot"),
+        "attn_topk_index": ("sequence", "attn_layer", "head", "query", "rank"),
+        "attn_topk_weight": ("sequence", "attn_layer", "head", "query", "rank"),
+        "residual": ("sequence", "position", "residual_layer", "hidden"),
+        "layer": ("layer",), "expert": ("expert",), "slot": ("slot",), "attn_layer": ("attn_layer",),
+        "head": ("head",), "residual_layer": ("residual_layer",),
+    }
+    for name in spec.names:
+        assert group[name].attrs["long_name"] == QUANTITIES[name].long_name
+        assert str(group[name].dtype) == QUANTITIES[name].dtype
+    assert group["tokens"].chunks[0] == 2  # sequence chunks = batches
+    assert group.attrs["status"] == "complete"
+    assert group.attrs["record_spec"]["attention"]["layers"] == [0, 1]
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_every_record_spec_round_trips_through_the_store(tmp_path, session, prompts_file, name):
+    spec = SPECS[name]
+    summary = dump(prompts_file, tmp_path / "s.zarr", checkpoint=session._model.directory, record=spec,
+                   batch_size=2, max_len=96, progress=False)
+    assert summary.sequences == 5
+    stored = open_store(str(tmp_path / "s.zarr"))
+    live = session.run(TEXTS, record=spec, metadata={"label": LABELS, "n": list(range(5))})
+    assert set(live.data_vars) == set(stored.data_vars)
+    P = live.sizes["position"]
+    for var in live.data_vars:
+        a, b = live[var], stored[var]
+        assert a.dims == b.dims, var
+        assert a.dtype == b.dtype, var
+        region = {d: slice(0, live.sizes[d]) for d in a.dims if d in ("position", "query", "key", "rank")}
+        np.testing.assert_array_equal(a.values, b.isel(region).values, err_msg=var)
+    # and the in-memory arrays are the forward's own records, cast to the store's dtypes
+    tokens = stored["tokens"].values[:, :P]
+    out = forward(session.params, session.config, tokens, record=spec)
+    lengths = live["length"].values
+    for key, value in out.record.items():
+        target = live[key].values
+        value = np.asarray(value)[tuple(slice(0, s) for s in target.shape)].astype(target.dtype)
+        valid = _valid_mask(key, value.shape, lengths)
+        np.testing.assert_array_equal(value[valid], target[valid], err_msg=key)
+    unrecorded = forward(session.params, session.config, tokens, record=RecordSpec(routing=False))
+    np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(unrecorded.logits))
+
+
+def _valid_mask(name, shape, lengths):
+    """True where a recorded value is at a real (non-pad) position/query."""
+    mask = np.ones(shape, bool)
+    for axis, dim in enumerate(QUANTITIES[name].dims):
+        if dim in ("position", "query"):
+            idx = np.arange(shape[axis]).reshape([-1 if a == axis else 1 for a in range(len(shape))])
+            mask &= idx < lengths.reshape([-1] + [1] * (len(shape) - 1))
+    return mask
+
+
+def test_full_attention_rows_sum_to_one_and_respect_masks(session):
+    texts = ["one two three four five six", "hi"]
+    ds = session.run(texts, record=RecordSpec(attention=AttentionSpec(format="full")))
+    w = ds["attn_weights"].values.astype(np.float32)  # [S, A, H, Q, K]
+    lengths = ds["length"].values
+    P = ds.sizes["position"]
+    causal = np.tril(np.ones((P, P), bool))
+    for s, n in enumerate(lengths):
+        valid_keys = np.arange(P) < n
+        rows = w[s, :, :, :n]  # queries that are real tokens
+        np.testing.assert_allclose(rows.sum(-1), 1.0, atol=2e-3)  # float16 storage
+        allowed = causal[:n] & valid_keys[None, :]
+        assert np.all(rows[..., ~allowed] == 0)
+
+
+def test_topk_agrees_with_full(session):
+    texts = ["alpha beta gamma delta epsilon zeta eta theta iota kappa"]
+    full = session.run(texts, record=RecordSpec(attention=AttentionSpec(format="full")))
+    top = session.run(texts, record=RecordSpec(attention=AttentionSpec(format="topk", k=4)))
+    w = full["attn_weights"].values.astype(np.float32)
+    index = top["attn_topk_index"].values
+    weight = top["attn_topk_weight"].values.astype(np.float32)
+    np.testing.assert_allclose(np.take_along_axis(w, index, axis=-1), weight, atol=1e-3)
+    np.testing.assert_allclose(np.sort(w, axis=-1)[..., ::-1][..., :4], weight, atol=1e-3)
+    mean = session.run(texts, record=RecordSpec(attention=AttentionSpec(format="head_mean")))
+    np.testing.assert_allclose(mean["attn_weights_head_mean"].values.astype(np.float32), w.mean(axis=2), atol=1e-3)
+
+
+def test_open_store_reads_file_and_memory_urls(tmp_path, tiny_model_dir, prompts_file):
+    import fsspec
+
+    path = tmp_path / "s.zarr"
+    dump(prompts_file, path, checkpoint=tiny_model_dir, batch_size=2, max_len=96, progress=False)
+    local = open_store(str(path))
+    via_file = open_store(path.as_uri())
+    fs = fsspec.filesystem("memory")
+    fs.put(str(path), "/copy.zarr", recursive=True)
+    via_memory = open_store("memory://copy.zarr")
+    for ds in (via_file, via_memory):
+        assert ds.sizes == local.sizes
+        np.testing.assert_array_equal(ds["expert_index"].values, local["expert_index"].values)
+        assert list(ds["label"].values) == LABELS
+    fs.rm("/copy.zarr", recursive=True)
+
+
+def test_open_store_refuses_what_is_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="not a grokscope store"):
+        open_store(str(tmp_path / "nothing-here.zarr"))
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w").create_array("x", shape=(2,), dtype="i4",
+                                                                         dimension_names=("a",))
+    with pytest.raises(StoreError, match="not a grokscope store"):
+        open_store(str(tmp_path / "plain.zarr"))
+
+
+def test_token_pieces_label_the_tokens(session):
+    from grokscope import token_pieces
+
+    ds = session.run("a b\nc")
+    pieces = token_pieces(ds, 0, visible=False)
+    assert "".join(pieces).replace("\u2581", " ").strip() == "a b c" or "".join(pieces).replace("\u2581", " ") \
+        .replace("\n", " ").strip() == "a b c"
+    assert session.tokenizer.ids_from_pieces(pieces) == list(ds["tokens"].values[0, : ds["length"].values[0]])
