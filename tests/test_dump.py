@@ -1,0 +1,212 @@
+"""`grokscope dump`: resume after a real SIGKILL, bad input, and the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from grokscope import AttentionSpec, DumpError, RecordSpec, dump, open_store
+from grokscope.cli import main
+
+WORDS = "the of and to in is was for on that with as by at from his an were are which this be".split()
+
+
+def _prompts(path, n, seed=0):
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        text = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 20))))
+        lines.append(json.dumps({"text": text, "label": ["a", "b"][i % 2], "i": i}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _store_arrays(path):
+    group = zarr.open_group(str(path), mode="r")
+    return {name: group[name][...] for name in group.array_keys()}, dict(group.attrs)
+
+
+def _assert_same_store(a, b):
+    arrays_a, attrs_a = _store_arrays(a)
+    arrays_b, attrs_b = _store_arrays(b)
+    assert arrays_a.keys() == arrays_b.keys()
+    for name in arrays_a:
+        assert arrays_a[name].dtype == arrays_b[name].dtype, name
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+    volatile = {"created", "finished"}
+    assert {k: v for k, v in attrs_a.items() if k not in volatile} == \
+        {k: v for k, v in attrs_b.items() if k not in volatile}
+
+
+RECORD = "routing,attention:layers=1:heads=0-1:format=topk:k=4"
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    return subprocess.Popen([sys.executable, "-m", "grokscope.cli", "dump", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_mid_run_resumes_to_the_identical_store(tmp_path, tiny_model_dir):
+    prompts = _prompts(tmp_path / "p.jsonl", 600)
+    common = ["--prompts", str(prompts), "--checkpoint", str(tiny_model_dir), "--record", RECORD,
+              "--batch-size", "2", "--max-len", "128"]
+    reference = tmp_path / "reference.zarr"
+    proc = _cli(common + ["--out", str(reference)])
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+
+    killed = tmp_path / "killed.zarr"
+    proc = _cli(common + ["--out", str(killed)])
+    seen_while_writing = None
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.02)
+        if not (killed / "done" / "zarr.json").exists():
+            continue
+        done = zarr.open_array(str(killed / "done"), mode="r")[...]
+        if 20 <= done.sum() < len(done) // 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the dump finished before it could be killed"
+
+    # a store being written: only completed sequences are visible, status in_progress
+    partial = open_store(str(killed))
+    done = zarr.open_array(str(killed / "done"), mode="r")[...]
+    assert partial.attrs["status"] == "in_progress"
+    assert 0 < partial.sizes["sequence"] == done.sum() < 600
+    assert (partial["length"].values > 0).all()
+
+    proc = _cli(common + ["--out", str(killed)])
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert f"of 600 sequences written" in out
+    written = int(out.split(": ")[1].split(" of ")[0])
+    assert written == 600 - done.sum()  # each sequence exactly once
+    assert zarr.open_group(str(killed), mode="r").attrs["status"] == "complete"
+    _assert_same_store(reference, killed)
+
+
+def test_failed_write_leaves_the_store_resumable(tmp_path, tiny_model_dir, monkeypatch):
+    import grokscope.store as store
+
+    prompts = _prompts(tmp_path / "p.jsonl", 12)
+    kwargs = dict(checkpoint=tiny_model_dir, batch_size=2, max_len=128, progress=False)
+    dump(prompts, tmp_path / "reference.zarr", **kwargs)
+
+    real = store.write_rows
+    calls = {"n": 0}
+
+    def failing(array, value, row0, *args, **kw):
+        calls["n"] += 1
+        if row0 >= 6:
+            raise OSError(28, "No space left on device")
+        return real(array, value, row0, *args, **kw)
+
+    monkeypatch.setattr(store, "write_rows", failing)
+    with pytest.raises(store.StoreError, match="No space left on device.*resumable"):
+        dump(prompts, tmp_path / "full.zarr", **kwargs)
+    monkeypatch.setattr(store, "write_rows", real)
+    done = zarr.open_array(str(tmp_path / "full.zarr" / "done"), mode="r")[...]
+    assert done[:6].all() and not done[6:].any()
+    summary = dump(prompts, tmp_path / "full.zarr", **kwargs)
+    assert summary.sequences_written == 6
+    _assert_same_store(tmp_path / "reference.zarr", tmp_path / "full.zarr")
+
+
+def test_a_store_of_another_dump_is_refused(tmp_path, tiny_model_dir):
+    prompts = _prompts(tmp_path / "p.jsonl", 4)
+    kwargs = dict(checkpoint=tiny_model_dir, batch_size=2, max_len=128, progress=False)
+    dump(prompts, tmp_path / "s.zarr", **kwargs)
+    before = _store_arrays(tmp_path / "s.zarr")
+    with pytest.raises(DumpError, match=r"different dump.*\n  record_spec: store has .*'attention': None"):
+        dump(prompts, tmp_path / "s.zarr", record=RecordSpec(attention=AttentionSpec()), **kwargs)
+    with pytest.raises(DumpError, match="batch_size: store has 2, this run has 4"):
+        dump(prompts, tmp_path / "s.zarr", **{**kwargs, "batch_size": 4})
+    _prompts(prompts, 4, seed=1)
+    with pytest.raises(DumpError, match="prompts file's contents differ"):
+        dump(prompts, tmp_path / "s.zarr", **kwargs)
+    after = _store_arrays(tmp_path / "s.zarr")
+    for name in before[0]:
+        np.testing.assert_array_equal(before[0][name], after[0][name])
+
+
+def test_output_path_that_is_not_a_store(tmp_path, tiny_model_dir):
+    prompts = _prompts(tmp_path / "p.jsonl", 2)
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(DumpError, match="exists and is not a zarr store"):
+        dump(prompts, tmp_path / "notes.txt", checkpoint=tiny_model_dir, progress=False)
+    (tmp_path / "dir.zarr").mkdir()
+    (tmp_path / "dir.zarr" / "data.bin").write_bytes(b"x")
+    with pytest.raises(DumpError, match="exists and is not a zarr store"):
+        dump(prompts, tmp_path / "dir.zarr", checkpoint=tiny_model_dir, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "dir.zarr" / "data.bin").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("content,suffix,message", [
+    (None, ".txt", "prompts file not found"),
+    (b"", ".txt", "no prompts"),
+    (b"\n  \n", ".txt", "no prompts"),
+    (b"fine\n\xff\xfe bad\n", ".txt", r"p\.txt:2: not valid UTF-8"),
+    (b'{"text": "a"}\n{"txt": "b"}\n', ".jsonl", r'p\.jsonl:2: expected an object with a string "text"'),
+    (b'{"text": "a"}\nnot json\n', ".jsonl", r"p\.jsonl:2: not valid JSON"),
+    (b'{"text": "a", "label": "x"}\n{"text": "b"}\n', ".jsonl", r"p\.jsonl:2: missing metadata fields \['label'\]"),
+    (b'{"text": "a", "tokens": 1}\n', ".jsonl", r"field names \['tokens'\] are reserved"),
+    (b"a\n", ".csv", "expected a .txt"),
+])
+def test_bad_prompt_files_are_named(tmp_path, tiny_model_dir, content, suffix, message):
+    path = tmp_path / f"p{suffix}"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DumpError, match=message):
+        dump(path, tmp_path / "s.zarr", checkpoint=tiny_model_dir, progress=False)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_blank_lines_are_skipped_and_counted(tmp_path, tiny_model_dir, capsys):
+    path = tmp_path / "p.txt"
+    path.write_text("first prompt\n\n   \nsecond prompt\n")
+    summary = dump(path, tmp_path / "s.zarr", checkpoint=tiny_model_dir, max_len=128)
+    assert summary.sequences == 2
+    assert "skipped 2 blank lines" in capsys.readouterr().err
+    assert list(open_store(str(tmp_path / "s.zarr"))["prompt"].values) == ["first prompt", "second prompt"]
+
+
+def test_too_long_prompts_error_or_truncate(tmp_path, tiny_model_dir):
+    from grokscope import Tokenizer
+
+    tok = Tokenizer(tiny_model_dir / "tokenizer.model")
+    long_text = " ".join(WORDS * 3)
+    path = tmp_path / "p.txt"
+    path.write_text("short one\n" + long_text + "\n")
+    with pytest.raises(DumpError, match=r"p\.txt:2: \d+ tokens, longer than max_len 16"):
+        dump(path, tmp_path / "s.zarr", checkpoint=tiny_model_dir, max_len=16, progress=False)
+    ids = tok.encode(long_text)
+    for side, expected in (("left", ids[-16:]), ("right", ids[:16])):
+        dump(path, tmp_path / f"{side}.zarr", checkpoint=tiny_model_dir, max_len=16, truncate=side, progress=False)
+        ds = open_store(str(tmp_path / f"{side}.zarr"))
+        assert list(ds["tokens"].values[1]) == expected and ds["length"].values[1] == 16
+
+
+def test_cli_dump_end_to_end(tmp_path, tiny_model_dir, capsys):
+    prompts = _prompts(tmp_path / "p.jsonl", 5)
+    out = tmp_path / "s.zarr"
+    rc = main(["dump", "--prompts", str(prompts), "--out", str(out), "--checkpoint", str(tiny_model_dir),
+               "--record", "routing,residual:layers=0,1", "--batch-size", "2", "--max-len", "128", "--mesh", "2x4"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "5 sequences" in captured.out and "MB written" in captured.out
+    assert "tok/s" in captured.err and "5/5 seq" in captured.err
+    ds = open_store(str(out))
+    assert list(ds["residual_layer"].values) == [0, 1] and list(ds["label"].values) == ["a", "b", "a", "b", "a"]
+    rc = main(["dump", "--prompts", str(prompts), "--out", str(out), "--checkpoint", str(tiny_model_dir),
+               "--record", "attention:format=bogus"])
+    assert rc == 1 and "attention format: expected one of" in capsys.readouterr().err
