@@ -143,6 +143,7 @@ class DumpSummary:
     bytes_written: int
     seconds: float
     resumed: bool
+    writer_seconds: float = 0.0  # time the writer thread spent writing (not waiting)
 
     def __str__(self) -> str:
         what = f"{self.sequences_written} of {self.sequences} sequences written" if self.resumed else \
@@ -312,7 +313,7 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
         group.attrs.update({"status": "complete", "finished": _now()})
     seconds = time.perf_counter() - t0
     return DumpSummary(str(out), len(prompts), sum(len(i) for i in ids), written, writer.bytes_written,
-                       seconds, resumed)
+                       seconds, resumed, writer.seconds_writing)
 
 
 def _dtype_of(values: Sequence[Any]):

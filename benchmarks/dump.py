@@ -1,0 +1,173 @@
+"""Dump throughput against the bare forward, and the store writer against numpy.save.
+
+Measured in one run, on the same prompts and batches:
+  forward only        the jitted forward (nothing recorded, nothing written)
+  dump, routing       `grokscope.dump` recording routing (tokenise, forward, background writer)
+  dump, +attention    routing + attention top-k (k=16) on all layers and heads
+and the writer's MB/s (bytes it wrote / seconds its thread spent writing) next to numpy.save
+of the same arrays to the same disk. Compilation is excluded (one warm-up pass first).
+
+    python benchmarks/dump.py [--checkpoint DIR] [--prompts N] [--batch-size B] [--device cpu|gpu]
+
+Without --checkpoint it uses the bundled model if present, else a random `small` model with a
+tokenizer trained on the standard library's text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _random_small(directory: Path) -> Path:
+    import dataclasses
+    import sysconfig
+
+    import sentencepiece as spm
+
+    from grokscope import SMALL, init_params, save_params
+
+    save_params(init_params(SMALL, seed=0), directory, SMALL)
+    (directory / "config.json").write_text(json.dumps(dataclasses.asdict(SMALL)))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    lines = [line for f in sorted(stdlib.glob("*.py"))[:60] for line in f.read_text(errors="ignore").splitlines()
+             if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(directory / "tokenizer"),
+                                   vocab_size=SMALL.vocab_size, model_type="bpe", byte_fallback=True, pad_id=0,
+                                   bos_id=1, eos_id=2, unk_id=3, num_threads=2, minloglevel=2)
+    return directory
+
+
+def _prompts(path: Path, n: int, tokenizer, max_tokens: int) -> Path:
+    import sysconfig
+
+    rng = np.random.default_rng(0)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = "\n".join(f.read_text(errors="ignore") for f in sorted(stdlib.glob("*.py"))[60:120])
+    words = text.split()
+    with open(path, "w") as f:
+        for _ in range(n):
+            start = int(rng.integers(0, len(words) - 400))
+            count = int(rng.integers(20, 120))
+            prompt = " ".join(words[start:start + count])
+            ids = tokenizer.encode(prompt)[:max_tokens]
+            f.write(json.dumps({"text": tokenizer.decode(ids)}) + "\n")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-len", type=int, default=256)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    args = parser.parse_args()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu" if args.device == "cpu" else "cuda")
+
+    import jax
+
+    from grokscope import AttentionSpec, RecordSpec, dump
+    from grokscope.dump import encode_prompts, read_prompts, run_batch
+    from grokscope.session import bucket_length, default_model_dir, load_model
+
+    work = Path(tempfile.mkdtemp(prefix="grokscope-bench-dump-"))
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_model_dir()
+    if not (checkpoint / "ckpt-0").is_dir():
+        checkpoint = _random_small(work / "model")
+    model = load_model(checkpoint)
+    prompts_file = _prompts(work / "prompts.jsonl", args.prompts, model.tokenizer, args.max_len)
+    prompts, _ = read_prompts(prompts_file)
+    ids = encode_prompts(model.tokenizer, [p.text for p in prompts], args.max_len, None,
+                         [p.line for p in prompts], "bench")
+    n_tokens = sum(len(i) for i in ids)
+    B = args.batch_size
+    batches = [ids[i:i + B] for i in range(0, len(ids), B)]
+
+    def forward_only() -> float:
+        t0 = time.perf_counter()
+        for batch in batches:
+            _, out = run_batch(model, RecordSpec(routing=False), batch,
+                               bucket_length(max(len(i) for i in batch), args.max_len), "float32", B)
+            jax.block_until_ready(out)
+        return time.perf_counter() - t0
+
+    def forward_logits() -> float:
+        from grokscope.forward import _jitted
+
+        t0 = time.perf_counter()
+        for batch in batches:
+            length = bucket_length(max(len(i) for i in batch), args.max_len)
+            tokens = np.zeros((B, length), np.int32)
+            for r, seq in enumerate(batch):
+                tokens[r, :len(seq)] = seq
+            positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
+            logits, _ = _jitted(model.config, RecordSpec(routing=False), "float32")(model.params, tokens, positions)
+            logits.block_until_ready()
+        return time.perf_counter() - t0
+
+    specs = {"routing": RecordSpec(),
+             "routing+attention topk": RecordSpec(attention=AttentionSpec(format="topk", k=16))}
+
+    def run_dump(name: str, spec, tag: str):
+        out = work / f"{name.replace(' ', '_').replace('+', '_')}-{tag}.zarr"
+        t0 = time.perf_counter()
+        summary = dump(prompts_file, out, model=model, record=spec, batch_size=B, max_len=args.max_len,
+                       progress=False)
+        return time.perf_counter() - t0, summary, out
+
+    # warm-up: compile every bucket shape for every spec
+    forward_logits()
+    for name, spec in specs.items():
+        run_dump(name, spec, "warmup")
+
+    results = {"forward only": forward_logits()}
+    summaries = {}
+    for name, spec in specs.items():
+        seconds, summary, out = run_dump(name, spec, "timed")
+        results[f"dump, {name}"] = seconds
+        summaries[name] = (summary, out)
+
+    # writer vs numpy.save of the same bytes on the same disk
+    import zarr
+
+    summary, out = summaries["routing+attention topk"]
+    group = zarr.open_group(str(out), mode="r")
+    arrays = {k: group[k][...] for k in group.array_keys() if group[k].dtype.kind in "biuf"}
+    npy_dir = work / "npy"
+    npy_dir.mkdir()
+    t0 = time.perf_counter()
+    for k, v in arrays.items():
+        np.save(npy_dir / f"{k}.npy", v)
+    np_seconds = time.perf_counter() - t0
+    np_bytes = sum(v.nbytes for v in arrays.values())
+
+    writer_stats = {"bytes": summary.bytes_written, "seconds": summary.writer_seconds}
+
+    device = jax.devices()[0]
+    print(f"model: {checkpoint.name if checkpoint.name != 'model' else 'random small'} "
+          f"({model.config.num_layers} layers, d={model.config.emb_size}); {len(prompts)} prompts, "
+          f"{n_tokens} tokens, batch {B}; device {device.platform} x{jax.device_count()}")
+    base = results["forward only"]
+    print(f"{'run':<34} {'seconds':>8} {'tokens/s':>10} {'vs forward':>11}")
+    for name, seconds in results.items():
+        print(f"{name:<34} {seconds:>8.2f} {n_tokens / seconds:>10.0f} {base / seconds:>10.0%}")
+    writer_mbs = writer_stats["bytes"] / 1e6 / writer_stats["seconds"]
+    np_mbs = np_bytes / 1e6 / np_seconds
+    print(f"writer: {writer_stats['bytes'] / 1e6:.1f} MB in {writer_stats['seconds']:.2f} s of its thread = "
+          f"{writer_mbs:.0f} MB/s; numpy.save of the same arrays ({np_bytes / 1e6:.1f} MB): {np_mbs:.0f} MB/s; "
+          f"ratio {writer_mbs / np_mbs:.2f}")
+    import shutil
+
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
