@@ -5,7 +5,8 @@ Measured in one run, on the same prompts and batches:
   dump, routing       `grokscope.dump` recording routing (tokenise, forward, background writer)
   dump, +attention    routing + attention top-k (k=16) on all layers and heads
 and the writer's MB/s (bytes it wrote / seconds its thread spent writing) next to numpy.save
-of the same arrays to the same disk. Compilation is excluded (one warm-up pass first).
+of the same bytes to the same disk in the same pieces (each batch's block of each array, one
+file each), and of the whole arrays. Compilation is excluded (one warm-up pass first).
 
     python benchmarks/dump.py [--checkpoint DIR] [--prompts N] [--batch-size B] [--device cpu|gpu]
 
@@ -135,19 +136,39 @@ def main() -> None:
         results[f"dump, {name}"] = seconds
         summaries[name] = (summary, out)
 
-    # writer vs numpy.save of the same bytes on the same disk
+    # writer vs numpy.save of the same bytes on the same disk, in the same pieces: each
+    # batch's block of each array (rows of the batch, positions up to its padded length)
     import zarr
+
+    from grokscope.record import QUANTITIES
 
     summary, out = summaries["routing+attention topk"]
     group = zarr.open_group(str(out), mode="r")
-    arrays = {k: group[k][...] for k in group.array_keys() if group[k].dtype.kind in "biuf"}
+    arrays = {k: group[k][...] for k in group.array_keys()
+              if group[k].dtype.kind in "biuf" and group[k].metadata.dimension_names[0] == "sequence"}
+    lengths = arrays["length"]
+    blocks = []
+    for row0 in range(0, len(lengths), B):
+        rows = slice(row0, row0 + B)
+        T = bucket_length(int(lengths[rows].max()), args.max_len)
+        for name, value in arrays.items():
+            dims = group[name].metadata.dimension_names
+            index = tuple(rows if d == "sequence" else slice(0, T) if d in ("position", "query", "key")
+                          else slice(None) for d in dims)
+            blocks.append((f"{name}-{row0}", np.ascontiguousarray(value[index])))
     npy_dir = work / "npy"
     npy_dir.mkdir()
     t0 = time.perf_counter()
-    for k, v in arrays.items():
-        np.save(npy_dir / f"{k}.npy", v)
+    for key, block in blocks:
+        np.save(npy_dir / f"{key}.npy", block)
     np_seconds = time.perf_counter() - t0
-    np_bytes = sum(v.nbytes for v in arrays.values())
+    np_bytes = sum(b.nbytes for _, b in blocks)
+    whole_dir = work / "npy-whole"
+    whole_dir.mkdir()
+    t0 = time.perf_counter()
+    for name, value in arrays.items():
+        np.save(whole_dir / f"{name}.npy", value)
+    whole_mbs = sum(v.nbytes for v in arrays.values()) / 1e6 / (time.perf_counter() - t0)
 
     writer_stats = {"bytes": summary.bytes_written, "seconds": summary.writer_seconds}
 
@@ -162,8 +183,9 @@ def main() -> None:
     writer_mbs = writer_stats["bytes"] / 1e6 / writer_stats["seconds"]
     np_mbs = np_bytes / 1e6 / np_seconds
     print(f"writer: {writer_stats['bytes'] / 1e6:.1f} MB in {writer_stats['seconds']:.2f} s of its thread = "
-          f"{writer_mbs:.0f} MB/s; numpy.save of the same arrays ({np_bytes / 1e6:.1f} MB): {np_mbs:.0f} MB/s; "
-          f"ratio {writer_mbs / np_mbs:.2f}")
+          f"{writer_mbs:.0f} MB/s; numpy.save of the same batch blocks ({np_bytes / 1e6:.1f} MB, "
+          f"{len(blocks)} files): {np_mbs:.0f} MB/s; ratio {writer_mbs / np_mbs:.2f}")
+    print(f"(numpy.save of the whole arrays, one file each: {whole_mbs:.0f} MB/s; ratio {writer_mbs / whole_mbs:.2f})")
     import shutil
 
     shutil.rmtree(work)

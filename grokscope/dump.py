@@ -23,7 +23,7 @@ import numpy as np
 
 import grokscope
 from grokscope.forward import _jitted
-from grokscope.record import RecordSpec
+from grokscope.record import RecordSpec, to_store_dtypes
 from grokscope.sharding import batch_sharding
 from grokscope.store import RESERVED_NAMES, StoreError, StoreWriter, create, layout
 
@@ -117,7 +117,7 @@ def run_batch(model, record: RecordSpec, ids: Sequence[Sequence[int]], length: i
               batch_size: int | None = None):
     """Pads `ids` into [batch_size, length] tokens and runs the recorded forward.
 
-    Returns (tokens as numpy, record dict of device arrays).
+    Returns (tokens as numpy, record dict of device arrays in the store's dtypes).
     """
     rows = batch_size or len(ids)
     tokens = np.zeros((rows, length), np.int32)
@@ -127,11 +127,11 @@ def run_batch(model, record: RecordSpec, ids: Sequence[Sequence[int]], length: i
     fn = _jitted(model.config, record, compute_dtype)
     if model.mesh is None:
         _, outputs = fn(model.params, tokens, positions)
-    else:
-        with jax.set_mesh(model.mesh):
-            _, outputs = fn(model.params, jax.device_put(tokens, batch_sharding(model.mesh, tokens.shape)),
-                            jax.device_put(positions, batch_sharding(model.mesh, positions.shape)))
-    return tokens, outputs
+        return tokens, to_store_dtypes(outputs)
+    with jax.set_mesh(model.mesh):
+        _, outputs = fn(model.params, jax.device_put(tokens, batch_sharding(model.mesh, tokens.shape)),
+                        jax.device_put(positions, batch_sharding(model.mesh, positions.shape)))
+        return tokens, to_store_dtypes(outputs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -180,19 +180,13 @@ def mask_padding(name: str, block: np.ndarray, lengths: np.ndarray, starts: Sequ
     return block
 
 
-def write_rows(array: zarr.Array, value, row0: int, n_valid: int, lengths: np.ndarray | None = None,
-               name: str | None = None) -> int:
-    """Writes a batch array [B, ...] at rows row0.. of `array`, its first n_valid rows only.
-
-    A `jax.Array` is written shard by shard (each addressable shard with replica_id 0, i.e.
-    every block exactly once on any mesh); other dims are written from index 0. With
-    `lengths` (per batch row), padding positions are written as the fill value. Returns bytes.
-    """
+def _row_blocks(array: zarr.Array, value, row0: int, n_valid: int, lengths, name):
+    """(selection in `array`, block) pieces of a batch array [B, ...], first n_valid rows only."""
     if hasattr(value, "addressable_shards"):
         pieces = [(s.index, s.data) for s in value.addressable_shards if s.replica_id == 0]
     else:
         pieces = [((slice(None),) * np.ndim(value), value)]
-    written = 0
+    out = []
     for index, data in pieces:
         region = _normalise(tuple(index) + (slice(None),) * (np.ndim(value) - len(index)), np.shape(value))
         r0, r1 = region[0].start, min(region[0].stop, n_valid)
@@ -201,9 +195,31 @@ def write_rows(array: zarr.Array, value, row0: int, n_valid: int, lengths: np.nd
         block = np.asarray(data)[: r1 - r0].astype(array.dtype, copy=False)
         if lengths is not None and name is not None:
             block = mask_padding(name, block, lengths[r0:r1], [sl.start for sl in region])
-        array[(slice(row0 + r0, row0 + r1),) + tuple(region[1:])] = block
-        written += block.nbytes
-    return written
+        out.append(((slice(row0 + r0, row0 + r1),) + tuple(region[1:]), block))
+    return out
+
+
+def write_batch(arrays: Mapping[str, zarr.Array], values: Mapping[str, Any], row0: int, n_valid: int) -> int:
+    """Writes one batch's arrays [B, ...] at rows row0.. (first n_valid rows), concurrently.
+
+    A `jax.Array` is written shard by shard (each addressable shard with replica_id 0, i.e.
+    every block exactly once on any mesh); other dims are written from index 0. `values`
+    must hold `length` (per batch row): padding positions of recorded quantities are written
+    as the fill value. Returns the bytes written (before compression).
+    """
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    lengths = np.asarray(values["length"])
+    items = [(arrays[name], selection, block) for name, value in values.items()
+             for selection, block in _row_blocks(arrays[name], value, row0, n_valid, lengths, name)]
+
+    async def write_all():
+        await asyncio.gather(*(array._async_array.setitem(selection, block) for array, selection, block in items))
+
+    sync(write_all())
+    return sum(block.nbytes for _, _, block in items)
 
 
 class StoreWriter:
@@ -218,7 +234,8 @@ class StoreWriter:
         self.group = group
         self.bytes_written = 0
         self.seconds_writing = 0.0
-        self._arrays = {name: group[name] for name in group.array_keys()}
+        # Every written chunk holds data: skip zarr's per-chunk comparison with the fill value.
+        self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in group.array_keys()}
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="grokscope-store-writer", daemon=True)
@@ -243,9 +260,7 @@ class StoreWriter:
             try:
                 jax.block_until_ready(arrays)  # the forward's results; waiting is not writing
                 t0 = time.perf_counter()
-                lengths = np.asarray(arrays["length"])
-                for name, value in arrays.items():
-                    self.bytes_written += write_rows(self._arrays[name], value, row0, n_valid, lengths, name)
+                self.bytes_written += write_batch(self._arrays, arrays, row0, n_valid)
                 self._arrays["done"][row0:row0 + n_valid] = True
                 self.seconds_writing += time.perf_counter() - t0
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread

@@ -101,19 +101,17 @@ def test_failed_write_leaves_the_store_resumable(tmp_path, tiny_model_dir, monke
     kwargs = dict(checkpoint=tiny_model_dir, batch_size=2, max_len=128, progress=False)
     dump(prompts, tmp_path / "reference.zarr", **kwargs)
 
-    real = store.write_rows
-    calls = {"n": 0}
+    real = store.write_batch
 
-    def failing(array, value, row0, *args, **kw):
-        calls["n"] += 1
+    def failing(arrays, values, row0, n_valid):
         if row0 >= 6:
             raise OSError(28, "No space left on device")
-        return real(array, value, row0, *args, **kw)
+        return real(arrays, values, row0, n_valid)
 
-    monkeypatch.setattr(store, "write_rows", failing)
+    monkeypatch.setattr(store, "write_batch", failing)
     with pytest.raises(store.StoreError, match="No space left on device.*resumable"):
         dump(prompts, tmp_path / "full.zarr", **kwargs)
-    monkeypatch.setattr(store, "write_rows", real)
+    monkeypatch.setattr(store, "write_batch", real)
     done = zarr.open_array(str(tmp_path / "full.zarr" / "done"), mode="r")[...]
     assert done[:6].all() and not done[6:].any()
     summary = dump(prompts, tmp_path / "full.zarr", **kwargs)
