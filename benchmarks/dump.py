@@ -140,8 +140,6 @@ def main() -> None:
     # batch's block of each array (rows of the batch, positions up to its padded length)
     import zarr
 
-    from grokscope.record import QUANTITIES
-
     summary, out = summaries["routing+attention topk"]
     group = zarr.open_group(str(out), mode="r")
     arrays = {k: group[k][...] for k in group.array_keys()

@@ -22,7 +22,7 @@ import os
 import pickle
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import ml_dtypes

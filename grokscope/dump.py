@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -25,7 +25,7 @@ import grokscope
 from grokscope.forward import _jitted
 from grokscope.record import RecordSpec, to_store_dtypes
 from grokscope.sharding import batch_sharding
-from grokscope.store import RESERVED_NAMES, StoreError, StoreWriter, create, layout
+from grokscope.store import RESERVED_NAMES, StoreWriter, column_dtype, create, layout
 
 __all__ = ["dump", "DumpError", "DumpSummary", "Prompt", "read_prompts", "encode_prompts", "run_batch"]
 
@@ -273,7 +273,7 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
     group = _open_for_resume(out, identity) if resumed else None
     model = described if described.params else load_model(mesh=mesh, resolved=described)
     if not resumed:
-        meta_types = {k: _dtype_of([p.metadata[k] for p in prompts]) for k in prompts[0].metadata}
+        meta_types = {k: column_dtype([p.metadata[k] for p in prompts]) for k in prompts[0].metadata}
         variables, coords = layout(config, record, len(prompts), max_len, batch_size, meta_types,
                                    model.tokenizer.vocab_size)
         attrs = {"grokscope": {"version": grokscope.__version__, "schema": 1}, **identity,
@@ -314,12 +314,6 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
     seconds = time.perf_counter() - t0
     return DumpSummary(str(out), len(prompts), sum(len(i) for i in ids), written, writer.bytes_written,
                        seconds, resumed, writer.seconds_writing)
-
-
-def _dtype_of(values: Sequence[Any]):
-    from grokscope.session import _column_dtype
-
-    return _column_dtype(values)
 
 
 def _now() -> str:

@@ -7,10 +7,9 @@ or on a mesh.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import haiku as hk
 import jax
@@ -20,7 +19,7 @@ from jax.sharding import Mesh
 
 from grokscope.config import ModelConfig
 from grokscope.model import forward_fn
-from grokscope.quant import QuantizedWeight8bit, quantize
+from grokscope.quant import quantize
 from grokscope.record import RecordSpec, collect, record_filter
 from grokscope.sharding import batch_sharding, shard_params
 

@@ -122,7 +122,7 @@ class Session:
           metadata: optional per-prompt columns, e.g. {"label": ["code", "prose"]}.
         """
         from grokscope.dump import encode_prompts, run_batch
-        from grokscope.store import dataset_from_arrays, layout, mask_padding
+        from grokscope.store import column_dtype, dataset_from_arrays, layout, mask_padding
 
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not texts:
@@ -132,7 +132,7 @@ class Session:
                              lines=list(range(1, len(texts) + 1)), source="Session.run")
         max_len = max(1, max(len(i) for i in ids))
         metadata = dict(metadata or {})
-        meta_types = {k: _column_dtype(v) for k, v in metadata.items()}
+        meta_types = {k: column_dtype(v) for k, v in metadata.items()}
         variables, coords = layout(self.config, record, len(texts), max_len, len(texts), meta_types,
                                    self.tokenizer.vocab_size)
         tokens, outputs = run_batch(self._model, record, ids, bucket_length(max_len, self.config.sequence_len),
@@ -158,13 +158,3 @@ class Session:
                  "record_spec": record.resolved(self.config).to_dict(), "compute_dtype": self.compute_dtype,
                  "status": "complete"}
         return dataset_from_arrays(variables, coords, arrays, json.loads(json.dumps(attrs)))
-
-
-def _column_dtype(values: Sequence[Any]):
-    if all(isinstance(v, bool) for v in values):
-        return np.dtype(bool)
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return np.dtype(np.int64)
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return np.dtype(np.float64)
-    return str

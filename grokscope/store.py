@@ -64,6 +64,17 @@ class Variable:
 _POSITION_CHUNK = 128
 
 
+def column_dtype(values: Sequence[Any]):
+    """The store dtype of a per-sequence metadata column: bool, int64, float64 or str."""
+    if all(isinstance(v, bool) for v in values):
+        return np.dtype(bool)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return np.dtype(np.int64)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return np.dtype(np.float64)
+    return str
+
+
 def _chunks(shape: tuple[int, ...], dims: tuple[str, ...], itemsize: int, seq_chunk: int) -> tuple[int, ...]:
     """Sequence chunk = the batch; positions/queries in blocks of 128 (a short batch then
     writes whole chunks, not a padded copy of a long one); then halve the largest other dim

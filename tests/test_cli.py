@@ -3,8 +3,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 from grokscope.cli import main
 
 

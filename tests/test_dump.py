@@ -64,7 +64,6 @@ def test_sigkill_mid_run_resumes_to_the_identical_store(tmp_path, tiny_model_dir
 
     killed = tmp_path / "killed.zarr"
     proc = _cli(common + ["--out", str(killed)])
-    seen_while_writing = None
     deadline = time.time() + 300
     while time.time() < deadline:
         time.sleep(0.02)
@@ -87,7 +86,7 @@ def test_sigkill_mid_run_resumes_to_the_identical_store(tmp_path, tiny_model_dir
     proc = _cli(common + ["--out", str(killed)])
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
-    assert f"of 600 sequences written" in out
+    assert "of 600 sequences written" in out
     written = int(out.split(": ")[1].split(" of ")[0])
     assert written == 600 - done.sum()  # each sequence exactly once
     assert zarr.open_group(str(killed), mode="r").attrs["status"] == "complete"

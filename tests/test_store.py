@@ -1,7 +1,6 @@
 """Records through the store: round trips, names, dims, attention invariants, URLs."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
