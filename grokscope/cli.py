@@ -126,6 +126,9 @@ def cmd_dump(args) -> int:
         print(f"\ninterrupted: {args.out} is resumable; run the same command again to continue", file=sys.stderr)
         return 130
     print(summary)
+    from grokscope.store import describe, open_store
+
+    print(describe(open_store(str(args.out)), str(args.out)))
     return 0
 
 

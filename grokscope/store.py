@@ -338,3 +338,34 @@ def token_pieces(ds, sequence: int, visible: bool = True) -> list[str]:
     ids = np.asarray(ds["tokens"][sequence, :length].values)
     pieces = np.asarray(ds["vocab_piece"].values)[ids]
     return [display_piece(str(p)) if visible else str(p) for p in pieces]
+
+
+def describe(ds, path: str) -> str:
+    """A short text summary of a store: where it is, what it holds, and a first look at routing."""
+    lines = [f"store: {path}  (status {ds.attrs.get('status')}, open with grokscope.open_store)"]
+    n_tokens = int(ds["length"].sum())
+    lines.append(f"  {ds.sizes['sequence']} sequences, {n_tokens} tokens, "
+                 f"{ds.attrs['model_config']['num_layers']} layers x {ds.attrs['model_config']['num_experts']} experts")
+    recorded = [name for name in QUANTITIES if name in ds]
+    for name in recorded:
+        dims = ", ".join(f"{d}={ds.sizes[d]}" for d in ds[name].dims)
+        lines.append(f"  {name:<24} ({dims}) {ds[name].dtype}")
+    extra = [name for name in ds.data_vars if name not in QUANTITIES and name not in
+             ("tokens", "length", "prompt", "done", "vocab_piece")]
+    if extra:
+        lines.append(f"  per-sequence metadata: {', '.join(extra)}")
+    if "expert_index" in ds and "label" in ds and ds.sizes["sequence"]:
+        index = ds["expert_index"].isel(slot=0).values  # [S, P, L]
+        valid = np.arange(index.shape[1])[None, :] < ds["length"].values[:, None]
+        labels = np.array([str(x) for x in ds["label"].values])
+        groups = sorted(set(labels))
+        lines.append("  first-choice expert share by label (the expert whose share differs most):")
+        for layer in range(index.shape[2]):
+            shares = {}
+            for g in groups:
+                chosen = index[labels == g][:, :, layer][valid[labels == g]]
+                shares[g] = np.bincount(chosen, minlength=ds.sizes["expert"]) / max(chosen.size, 1)
+            spread = np.max([shares[g] for g in groups], axis=0) - np.min([shares[g] for g in groups], axis=0)
+            e = int(np.argmax(spread))
+            lines.append(f"    layer {layer}: expert {e}: " + ", ".join(f"{g} {shares[g][e]:.0%}" for g in groups))
+    return "\n".join(lines)
