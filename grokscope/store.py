@@ -223,14 +223,19 @@ def write_batch(arrays: Mapping[str, zarr.Array], values: Mapping[str, Any], row
     from zarr.core.sync import sync
 
     lengths = np.asarray(values["length"])
-    items = [(arrays[name], selection, block) for name, value in values.items()
-             for selection, block in _row_blocks(arrays[name], value, row0, n_valid, lengths, name)]
+    pieces = {name: _row_blocks(arrays[name], value, row0, n_valid, lengths, name) for name, value in values.items()}
+
+    async def write_array(array, blocks):
+        # One array's blocks in turn: blocks of one batch may share a chunk (rows of a
+        # batch split over devices), and concurrent writes to one chunk lose updates.
+        for selection, block in blocks:
+            await array._async_array.setitem(selection, block)
 
     async def write_all():
-        await asyncio.gather(*(array._async_array.setitem(selection, block) for array, selection, block in items))
+        await asyncio.gather(*(write_array(arrays[name], blocks) for name, blocks in pieces.items()))
 
     sync(write_all())
-    return sum(block.nbytes for _, _, block in items)
+    return sum(block.nbytes for blocks in pieces.values() for _, block in blocks)
 
 
 class StoreWriter:

@@ -209,3 +209,19 @@ def test_cli_dump_end_to_end(tmp_path, tiny_model_dir, capsys):
     rc = main(["dump", "--prompts", str(prompts), "--out", str(out), "--checkpoint", str(tiny_model_dir),
                "--record", "attention:format=bogus"])
     assert rc == 1 and "attention format: expected one of" in capsys.readouterr().err
+
+
+def test_a_dump_on_a_mesh_writes_every_row(tmp_path, tiny_model_dir):
+    from grokscope import make_mesh
+
+    prompts = _prompts(tmp_path / "p.jsonl", 7)
+    kwargs = dict(checkpoint=tiny_model_dir, batch_size=4, max_len=128, progress=False,
+                  record=RecordSpec(attention=AttentionSpec(format="topk", k=3)))
+    dump(prompts, tmp_path / "one.zarr", **kwargs)
+    dump(prompts, tmp_path / "mesh.zarr", mesh=make_mesh(data=2, model=4), **kwargs)
+    one, mesh = open_store(str(tmp_path / "one.zarr")), open_store(str(tmp_path / "mesh.zarr"))
+    valid = np.arange(one.sizes["position"])[None, :] < one["length"].values[:, None]
+    assert (mesh["expert_index"].values[valid] >= 0).all()  # rows split over `data` all written
+    np.testing.assert_array_equal(one["expert_index"].values, mesh["expert_index"].values)
+    np.testing.assert_allclose(one["router_logits"].values, mesh["router_logits"].values, atol=1e-4)
+    np.testing.assert_array_equal(one["attn_topk_index"].values, mesh["attn_topk_index"].values)
