@@ -1,4 +1,4 @@
-"""Command line: `grokscope dump | inspect | demo`."""
+"""Command line: `grokscope dump | inspect | train-tiny | demo`."""
 
 from __future__ import annotations
 
@@ -133,6 +133,11 @@ def cmd_dump(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-tiny"]:
+        from grokscope.train import main as train_main
+
+        return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="grokscope", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -157,6 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint_dir", help="directory holding ckpt-0/")
     p.add_argument("--config", help="preset (grok-1, tiny, small) or JSON file; default CHECKPOINT_DIR/config.json")
     p.set_defaults(func=cmd_inspect)
+
+    sub.add_parser("train-tiny", help="train the bundled grok-tiny model (python -m grokscope.train --help)")
 
     p = sub.add_parser("demo", help="write a random checkpoint, load it sharded, run it, print routing")
     p.add_argument("--preset", default="small", help="model preset (default: small)")
