@@ -12,7 +12,7 @@ The public API:
 """
 
 from grokscope.checkpoint import CheckpointError, load_params, save_params
-from grokscope.config import GROK_1, PRESETS, SMALL, TINY, ModelConfig, load_config
+from grokscope.config import GROK_1, GROK_TINY, PRESETS, SMALL, TINY, ModelConfig, load_config
 from grokscope.forward import ForwardOutput, forward, init_params, make_forward, param_shapes
 from grokscope.quant import QuantizedWeight8bit
 from grokscope.dump import DumpError, dump
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSpec", "DumpError", "Session", "StoreError", "dump", "open_store", "token_pieces",
-    "CheckpointError", "ForwardOutput", "GROK_1", "ModelConfig", "PRESETS", "QuantizedWeight8bit",
+    "CheckpointError", "ForwardOutput", "GROK_1", "GROK_TINY", "ModelConfig", "PRESETS", "QuantizedWeight8bit",
     "RecordSpec", "SMALL", "TINY", "Tokenizer", "forward", "init_params", "load_config",
     "load_params", "make_forward", "make_mesh", "param_shapes", "save_params",
 ]

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-__all__ = ["ModelConfig", "GROK_1", "TINY", "SMALL", "PRESETS", "ffn_size"]
+__all__ = ["ModelConfig", "GROK_1", "GROK_TINY", "TINY", "SMALL", "PRESETS", "ffn_size", "load_config"]
 
 
 def ffn_size(emb_size: int, widening_factor: float) -> int:
@@ -177,11 +177,23 @@ SMALL = ModelConfig(
 )
 """Four layers, d=256: large enough for sharding and dumps to be meaningful on a CPU."""
 
-PRESETS: dict[str, ModelConfig] = {"grok-1": GROK_1, "tiny": TINY, "small": SMALL}
+GROK_TINY = ModelConfig(
+    emb_size=128, key_size=32, num_q_heads=4, num_kv_heads=2, num_layers=4, vocab_size=4096,
+    widening_factor=4, attn_output_multiplier=1 / math.sqrt(32), num_experts=8,
+    num_selected_experts=2, embedding_multiplier_scale=math.sqrt(128),
+    output_multiplier_scale=0.5773502691896257, pad_token=0, eos_token=2, sequence_len=256,
+)
+"""grok-tiny: Grok-1's architecture at d=128, 4 layers, 8 experts (top-2), 4 q / 2 kv heads.
+
+The multipliers follow Grok-1's pattern: attention 1/sqrt(key_size), input sqrt(emb_size),
+output 1/sqrt(3).
+"""
+
+PRESETS: dict[str, ModelConfig] = {"grok-1": GROK_1, "grok-tiny": GROK_TINY, "tiny": TINY, "small": SMALL}
 
 
 def load_config(spec: str) -> ModelConfig:
-    """A preset name (`grok-1`, `tiny`, `small`) or a JSON file.
+    """A preset name (`grok-1`, `grok-tiny`, `tiny`, `small`) or a JSON file.
 
     The JSON may be a flat dict of `ModelConfig` fields, the official nested
     `LanguageModelConfig` dict (with `model`), or a file holding one under
