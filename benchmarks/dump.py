@@ -4,7 +4,7 @@ Measured in one run, on the same prompts and batches:
   forward only        the jitted forward (nothing recorded, nothing written)
   dump, routing       `grokscope.dump` recording routing (tokenise, forward, background writer)
   dump, +attention    routing + attention top-k (k=16) on all layers and heads
-and the writer's MB/s (bytes it wrote / seconds its thread spent writing) next to numpy.save
+and the writer's MB/s (bytes it wrote / wall seconds during which it was writing) next to numpy.save
 of the same bytes to the same disk in the same pieces (each batch's block of each array, one
 file each), and of the whole arrays. Compilation is excluded (one warm-up pass first).
 
@@ -180,7 +180,7 @@ def main() -> None:
         print(f"{name:<34} {seconds:>8.2f} {n_tokens / seconds:>10.0f} {base / seconds:>10.0%}")
     writer_mbs = writer_stats["bytes"] / 1e6 / writer_stats["seconds"]
     np_mbs = np_bytes / 1e6 / np_seconds
-    print(f"writer: {writer_stats['bytes'] / 1e6:.1f} MB in {writer_stats['seconds']:.2f} s of its thread = "
+    print(f"writer: {writer_stats['bytes'] / 1e6:.1f} MB in {writer_stats['seconds']:.2f} s of writing = "
           f"{writer_mbs:.0f} MB/s; numpy.save of the same batch blocks ({np_bytes / 1e6:.1f} MB, "
           f"{len(blocks)} files): {np_mbs:.0f} MB/s; ratio {writer_mbs / np_mbs:.2f}")
     print(f"(numpy.save of the whole arrays, one file each: {whole_mbs:.0f} MB/s; ratio {writer_mbs / whole_mbs:.2f})")

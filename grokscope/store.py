@@ -239,23 +239,41 @@ def write_batch(arrays: Mapping[str, zarr.Array], values: Mapping[str, Any], row
 
 
 class StoreWriter:
-    """Writes batches to a store from a background thread, through a bounded queue.
+    """Writes batches to a store from background threads, through a bounded queue.
 
     `put` blocks while `max_pending` batches wait, so memory stays bounded however long the
-    run. A failed write is raised (as `StoreError`) from the next `put` or from `close`; the
-    batch it belonged to is not marked done, so the store stays resumable.
+    run. Each batch owns its chunks (chunks along `sequence` are batches), so `threads`
+    writers work on different batches at once without sharing a chunk. A failed write is
+    raised (as `StoreError`) from the next `put` or from `close`; the batch it belonged to is
+    not marked done, so the store stays resumable.
+
+    Attributes:
+      bytes_written: bytes handed to zarr (before compression).
+      seconds_writing: wall time during which at least one batch was being written.
     """
 
-    def __init__(self, group: zarr.Group, max_pending: int = 2):
+    def __init__(self, group: zarr.Group, max_pending: int = 2, threads: int = 2):
         self.group = group
         self.bytes_written = 0
-        self.seconds_writing = 0.0
+        self._intervals: list[tuple[float, float]] = []
+        self._lock = threading.Lock()
         # Every written chunk holds data: skip zarr's per-chunk comparison with the fill value.
         self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in group.array_keys()}
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="grokscope-store-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"grokscope-store-writer-{i}", daemon=True)
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def seconds_writing(self) -> float:
+        total, end = 0.0, float("-inf")
+        for t0, t1 in sorted(self._intervals):
+            if t1 > end:
+                total += t1 - max(t0, end)
+                end = t1
+        return total
 
     def put(self, row0: int, n_valid: int, arrays: Mapping[str, Any]) -> None:
         """Queues one batch: `arrays` maps variable names to [B, ...] arrays (B >= n_valid),
@@ -276,9 +294,11 @@ class StoreWriter:
             try:
                 jax.block_until_ready(arrays)  # the forward's results; waiting is not writing
                 t0 = time.perf_counter()
-                self.bytes_written += write_batch(self._arrays, arrays, row0, n_valid)
+                written = write_batch(self._arrays, arrays, row0, n_valid)
                 self._arrays["done"][row0:row0 + n_valid] = True
-                self.seconds_writing += time.perf_counter() - t0
+                with self._lock:
+                    self.bytes_written += written
+                    self._intervals.append((t0, time.perf_counter()))
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 self._error = e
 
@@ -289,8 +309,10 @@ class StoreWriter:
 
     def close(self) -> None:
         """Waits for queued batches to be written; raises a write failure if there was one."""
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
         self._raise_if_failed()
 
 
