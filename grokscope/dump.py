@@ -13,6 +13,8 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+import zarr
 
 import grokscope
 from grokscope.forward import _jitted
@@ -213,8 +216,6 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
 
 
 def _open_for_resume(out: Path, identity: dict):
-    import zarr
-
     if not (out / "zarr.json").is_file():
         raise DumpError(f"{out} exists and is not a zarr store; choose another --out (nothing was changed)")
     group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)
@@ -278,18 +279,26 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
                                    model.tokenizer.vocab_size)
         attrs = {"grokscope": {"version": grokscope.__version__, "schema": 1}, **identity,
                  "created": _now(), "finished": None, "status": "in_progress", "num_sequences": len(prompts)}
+        # Created whole beside `out`, then renamed into place: a run killed while creating
+        # leaves no half-made store at `out`, only a `.creating` directory the next run replaces.
+        staging = out.with_name(out.name + ".creating")
         try:
-            group = create(out, variables, coords, attrs)
+            if staging.exists():
+                shutil.rmtree(staging)
+            staged = create(staging, variables, coords, attrs)
+            staged["vocab_piece"][:] = np.array(model.tokenizer.pieces(range(model.tokenizer.vocab_size)),
+                                                dtype=object)
+            os.replace(staging, out)
         except OSError as e:
             raise DumpError(f"cannot create {out}: {e}") from None
-        group["vocab_piece"][:] = np.array(model.tokenizer.pieces(range(model.tokenizer.vocab_size)), dtype=object)
+        group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)
 
     done = np.asarray(group["done"][:])
     todo = [b for b in range(-(-len(prompts) // batch_size))
             if not done[b * batch_size: (b + 1) * batch_size].all()]
     bar = _Progress(sum(min(batch_size, len(prompts) - b * batch_size) for b in todo), progress)
     writer = StoreWriter(group)
-    written = tokens_total = 0
+    written = 0
     try:
         for b in todo:
             row0 = b * batch_size
@@ -303,9 +312,7 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
                 host[key] = np.array([p.metadata[key] for p in prompts[row0: row0 + n]], dtype=object)
             writer.put(row0, n, {**host, **outputs})
             written += n
-            batch_tokens = sum(len(i) for i in batch_ids)
-            tokens_total += batch_tokens
-            bar.update(n, batch_tokens)
+            bar.update(n, sum(len(i) for i in batch_ids))
     finally:
         writer.close()
     bar.update(0, 0, final=True)

@@ -225,3 +225,14 @@ def test_a_dump_on_a_mesh_writes_every_row(tmp_path, tiny_model_dir):
     np.testing.assert_array_equal(one["expert_index"].values, mesh["expert_index"].values)
     np.testing.assert_allclose(one["router_logits"].values, mesh["router_logits"].values, atol=1e-4)
     np.testing.assert_array_equal(one["attn_topk_index"].values, mesh["attn_topk_index"].values)
+
+
+def test_a_run_killed_while_creating_the_store_leaves_nothing_half_made(tmp_path, tiny_model_dir):
+    prompts = _prompts(tmp_path / "p.jsonl", 3)
+    staging = tmp_path / "s.zarr.creating"
+    staging.mkdir()
+    (staging / "zarr.json").write_text("{}")  # what a killed creation leaves behind
+    summary = dump(prompts, tmp_path / "s.zarr", checkpoint=tiny_model_dir, max_len=128, progress=False)
+    assert summary.sequences == 3 and not staging.exists()
+    ds = open_store(str(tmp_path / "s.zarr"))
+    assert ds.attrs["status"] == "complete" and ds.sizes["vocab"] > 0 and ds["vocab_piece"].values[0] != ""
