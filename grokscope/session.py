@@ -99,6 +99,7 @@ class Session:
         self._model = load_model(checkpoint, tokenizer, config, mesh)
         self.record = record
         self.compute_dtype = compute_dtype
+        self._vocab_pieces = self._model.tokenizer.pieces(range(self._model.tokenizer.vocab_size))
 
     @property
     def config(self) -> ModelConfig:
@@ -143,7 +144,7 @@ class Session:
         arrays["length"][:] = [len(i) for i in ids]
         arrays["prompt"][:] = texts
         arrays["done"][:] = True
-        arrays["vocab_piece"][:] = self.tokenizer.pieces(range(self.tokenizer.vocab_size))
+        arrays["vocab_piece"][:] = self._vocab_pieces
         for name, values in metadata.items():
             arrays[name][:] = values
         lengths = arrays["length"]

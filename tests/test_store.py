@@ -70,6 +70,7 @@ def test_every_record_spec_round_trips_through_the_store(tmp_path, session, prom
                    batch_size=2, max_len=96, progress=False)
     assert summary.sequences == 5
     stored = open_store(str(tmp_path / "s.zarr"))
+    assert RecordSpec.from_dict(stored.attrs["record_spec"]) == spec.resolved(session.config)
     live = session.run(TEXTS, record=spec, metadata={"label": LABELS, "n": list(range(5))})
     assert set(live.data_vars) == set(stored.data_vars)
     P = live.sizes["position"]
