@@ -1,4 +1,4 @@
-"""Command line: `grokscope dump | inspect | train-tiny | demo`."""
+"""Command line: `grokscope dump | analyze | inspect | train-tiny | demo`."""
 
 from __future__ import annotations
 
@@ -132,6 +132,33 @@ def cmd_dump(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    import json
+
+    from grokscope.analysis.summary import format_summary, summarize
+    from grokscope.store import StoreError, open_store
+
+    try:
+        ds = open_store(args.store)
+        summary = summarize(ds, by=args.by, n_permutations=args.permutations)
+    except (StoreError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"store: {args.store}")
+    print(format_summary(summary))
+    if args.output:
+        out = Path(args.output)
+        if out.suffix == ".json":
+            out.write_text(json.dumps(summary.to_dict(data="list"), indent=1, default=str))
+        elif out.suffix == ".csv":
+            summary.to_dataframe().to_csv(out)
+        else:
+            print(f"error: -o {out}: expected a .json or .csv file", file=sys.stderr)
+            return 1
+        print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-tiny"]:
@@ -157,6 +184,13 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_dump)
+
+    p = sub.add_parser("analyze", help="per-layer routing summary of a store, each number beside its null baseline")
+    p.add_argument("store", help="a store path or fsspec URL")
+    p.add_argument("--by", help="a per-sequence variable to compare groups by, e.g. label")
+    p.add_argument("--permutations", type=int, default=200, help="shuffles for the p-values (default 200)")
+    p.add_argument("-o", "--output", help="also write the summary to a .json or .csv file")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("inspect", help="list and validate every tensor of a checkpoint")
     p.add_argument("checkpoint_dir", help="directory holding ckpt-0/")

@@ -68,6 +68,9 @@ def synthetic_store(expert_index: np.ndarray, lengths: Sequence[int], router_log
         "expert_gate": (("sequence", "position", "layer", "slot"), gate),
     }
     for name, values in (metadata or {}).items():
-        data[name] = (("sequence",), np.asarray(values))
+        values = np.asarray(values)
+        if values.dtype.kind in "UO":  # strings as a store holds them
+            values = values.astype(np.dtypes.StringDType())
+        data[name] = (("sequence",), values)
     coords = {"layer": np.arange(L), "expert": np.arange(num_experts), "slot": np.arange(K)}
     return xr.Dataset(data, coords=coords, attrs={"grokscope": {"kind": "synthetic"}})
