@@ -54,6 +54,7 @@ import numpy as np
 
 from grokscope import corpus
 from grokscope.config import GROK_TINY, ModelConfig
+from grokscope.session import default_model_dir
 from grokscope.forward import init_params, make_forward
 from grokscope.record import RecordSpec
 
@@ -61,7 +62,7 @@ __all__ = ["GROK_TINY", "BALANCE_COEF", "Z_LOSS_COEF", "ASSET_DIR", "TrainSettin
            "lm_loss", "EvalResult", "evaluate", "heldout_loss", "routing_summary", "load_bundled",
            "example_windows", "main"]
 
-ASSET_DIR = Path(__file__).resolve().parent / "assets" / "grok-tiny"
+ASSET_DIR = default_model_dir()
 """Where the bundled model lives."""
 
 BALANCE_COEF = 1e-2
@@ -348,13 +349,10 @@ def routing_summary(result: EvalResult, labels: np.ndarray, num_experts: int,
 
 def load_bundled(directory: str | os.PathLike = ASSET_DIR):
     """The shipped grok-tiny: (config, int8 params via `load_params`, Tokenizer)."""
-    from grokscope.checkpoint import load_params
-    from grokscope.config import load_config
-    from grokscope.tokenizer import Tokenizer
+    from grokscope.session import load_model
 
-    directory = Path(directory)
-    config = load_config(str(directory / "config.json"))
-    return config, load_params(directory, config), Tokenizer(directory / "tokenizer.model")
+    model = load_model(directory)
+    return model.config, model.params, model.tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
