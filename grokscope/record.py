@@ -207,8 +207,12 @@ class RecordSpec:
         for token in (t.strip() for t in text.split(",")):
             if not token:
                 continue
-            if re.fullmatch(r"\d+(-\d+)?", token) and items:
-                items[-1][-1] += "," + token  # continues the previous key's list
+            continued = re.fullmatch(r"(\d+(?:-\d+)?)((?::.*)?)", token)
+            if continued and items:
+                # "heads=0,2:format=full": the number continues the previous key's list, and
+                # any options after it belong to the same quantity
+                items[-1][-1] += "," + continued.group(1)
+                items[-1].extend(o for o in continued.group(2).split(":") if o)
             else:
                 items.append(token.split(":"))
         routing, attention, residual = False, None, None

@@ -1,0 +1,42 @@
+"""RecordSpec: the command-line form, validation, and its round trip through a dict."""
+
+import pytest
+
+from grokscope import TINY, AttentionSpec, RecordSpec
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("routing", RecordSpec()),
+    ("routing,attention:layers=0-3:heads=all:format=topk:k=16",
+     RecordSpec(attention=AttentionSpec(layers=(0, 1, 2, 3), heads="all", format="topk", k=16))),
+    ("routing,attention:layers=0-1:heads=0,2:format=full,residual:layers=3",
+     RecordSpec(attention=AttentionSpec(layers=(0, 1), heads=(0, 2), format="full"), residual=(3,))),
+    ("residual:layers=0,2,5-7,attention:heads=1,3-4:k=4",
+     RecordSpec(routing=False, attention=AttentionSpec(heads=(1, 3, 4), k=4), residual=(0, 2, 5, 6, 7))),
+    ("attention:format=head_mean", RecordSpec(routing=False, attention=AttentionSpec(format="head_mean"))),
+])
+def test_parse(text, expected):
+    assert RecordSpec.parse(text) == expected
+
+
+@pytest.mark.parametrize("text,message", [
+    ("routing:k=3", "routing takes no options"),
+    ("attention:format=dense", "attention format: expected one of"),
+    ("attention:layers=a-b", "expected 'all', numbers or ranges"),
+    ("attention:depth=3", r"unknown attention options \['depth'\]"),
+    ("experts", "unknown quantity 'experts'"),
+    ("attention:layers", "expected key=value"),
+])
+def test_parse_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        RecordSpec.parse(text)
+
+
+def test_resolved_validates_against_the_model_and_round_trips():
+    spec = RecordSpec(attention=AttentionSpec(layers="all", heads=(3, 1)), residual="all")
+    resolved = spec.resolved(TINY)
+    assert resolved.attention.layers == (0, 1) and resolved.attention.heads == (1, 3) and resolved.residual == (0, 1)
+    assert RecordSpec.from_dict(resolved.to_dict()) == resolved
+    assert hash(resolved) == hash(RecordSpec.from_dict(resolved.to_dict()))
+    with pytest.raises(ValueError, match=r"attention heads: expected indices in \[0, 4\), got \[1, 9\]"):
+        RecordSpec(attention=AttentionSpec(heads=(9, 1))).resolved(TINY)
