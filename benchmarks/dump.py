@@ -77,6 +77,7 @@ def main() -> None:
 
     from grokscope import AttentionSpec, RecordSpec, dump
     from grokscope.dump import encode_prompts, read_prompts, run_batch
+    from grokscope.forward import jitted_forward
     from grokscope.session import bucket_length, default_model_dir, load_model
 
     work = Path(tempfile.mkdtemp(prefix="grokscope-bench-dump-"))
@@ -92,17 +93,7 @@ def main() -> None:
     B = args.batch_size
     batches = [ids[i:i + B] for i in range(0, len(ids), B)]
 
-    def forward_only() -> float:
-        t0 = time.perf_counter()
-        for batch in batches:
-            _, out = run_batch(model, RecordSpec(routing=False), batch,
-                               bucket_length(max(len(i) for i in batch), args.max_len), "float32", B)
-            jax.block_until_ready(out)
-        return time.perf_counter() - t0
-
     def forward_logits() -> float:
-        from grokscope.forward import _jitted
-
         t0 = time.perf_counter()
         for batch in batches:
             length = bucket_length(max(len(i) for i in batch), args.max_len)
@@ -110,7 +101,7 @@ def main() -> None:
             for r, seq in enumerate(batch):
                 tokens[r, :len(seq)] = seq
             positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-            logits, _ = _jitted(model.config, RecordSpec(routing=False), "float32")(model.params, tokens, positions)
+            logits, _ = jitted_forward(model.config, RecordSpec(routing=False), "float32")(model.params, tokens, positions)
             logits.block_until_ready()
         return time.perf_counter() - t0
 
@@ -139,7 +130,7 @@ def main() -> None:
     # The writer alone against numpy.save of the same bytes on the same disk, in the same
     # pieces. During a dump the writer shares the CPU with the forward; here the batches of
     # the topk run are computed first, then written with nothing else running.
-    from grokscope.store import StoreWriter, _row_blocks, create, layout
+    from grokscope.store import StoreWriter, row_blocks, create, layout
 
     spec = specs["routing+attention topk"]
     recorded = []
@@ -160,7 +151,7 @@ def main() -> None:
     writer_seconds = time.perf_counter() - t0
     arrays = {k: group[k] for k in group.array_keys()}
     blocks = [(f"{name}-{row0}-{i}", block) for row0, n, values in recorded for name, value in values.items()
-              for i, (_, block) in enumerate(_row_blocks(arrays[name], value, row0, n, values["length"], name))]
+              for i, (_, block) in enumerate(row_blocks(arrays[name], value, row0, n, values["length"], name))]
     npy_dir = work / "npy"
     npy_dir.mkdir()
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 import grokscope
-from grokscope.forward import _jitted
+from grokscope.forward import jitted_forward
 from grokscope.record import RecordSpec, to_store_dtypes
 from grokscope.sharding import batch_sharding
 from grokscope.store import RESERVED_NAMES, StoreWriter, column_dtype, create, layout
@@ -127,7 +127,7 @@ def run_batch(model, record: RecordSpec, ids: Sequence[Sequence[int]], length: i
     for i, seq in enumerate(ids):
         tokens[i, : len(seq)] = seq
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-    fn = _jitted(model.config, record, compute_dtype)
+    fn = jitted_forward(model.config, record, compute_dtype)
     if model.mesh is None:
         _, outputs = fn(model.params, tokens, positions)
         return tokens, to_store_dtypes(outputs)

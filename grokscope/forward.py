@@ -24,7 +24,7 @@ from grokscope.record import RecordSpec, collect, record_filter
 from grokscope.sharding import batch_sharding, shard_params
 
 __all__ = ["ParamShape", "param_shapes", "is_quantizable", "release_scale_blocks", "init_params",
-           "make_forward", "forward", "ForwardOutput"]
+           "make_forward", "jitted_forward", "forward", "ForwardOutput"]
 
 _QUANTIZABLE = re.compile(r"(multi_head_attention/(query|key|value|linear)|moe/(linear|linear_v|linear_1))/w$")
 _INPUT_SHARDED = re.compile(r"(multi_head_attention/linear|moe/linear_1)/w$")
@@ -102,7 +102,8 @@ def make_forward(config: ModelConfig, spec: RecordSpec = RecordSpec(),
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted(config: ModelConfig, spec: RecordSpec, compute_dtype: str):
+def jitted_forward(config: ModelConfig, spec: RecordSpec, compute_dtype: str):
+    """`make_forward` jitted once per (config, spec, compute_dtype), shared by every caller."""
     return jax.jit(make_forward(config, spec, compute_dtype))
 
 
@@ -134,7 +135,7 @@ def forward(params: dict, config: ModelConfig, tokens, record: RecordSpec = Reco
     if positions is None:
         positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
     positions = np.asarray(positions, dtype=np.int32)
-    fn = _jitted(config, record, compute_dtype)
+    fn = jitted_forward(config, record, compute_dtype)
     if mesh is None:
         return ForwardOutput(*fn(params, tokens, positions))
     params = shard_params(params, mesh)

@@ -31,7 +31,7 @@ import zarr
 
 from grokscope.record import QUANTITIES, RecordSpec
 
-__all__ = ["Variable", "layout", "StoreWriter", "open_store", "token_pieces", "dataset_from_arrays",
+__all__ = ["Variable", "layout", "create", "row_blocks", "write_batch", "StoreWriter", "open_store", "token_pieces", "dataset_from_arrays", "describe", "column_dtype", "mask_padding",
            "StoreError", "RESERVED_NAMES"]
 
 _TARGET_CHUNK_BYTES = 8 * 1024**2
@@ -191,7 +191,7 @@ def mask_padding(name: str, block: np.ndarray, lengths: np.ndarray, starts: Sequ
     return block
 
 
-def _row_blocks(array: zarr.Array, value, row0: int, n_valid: int, lengths, name):
+def row_blocks(array: zarr.Array, value, row0: int, n_valid: int, lengths, name):
     """(selection in `array`, block) pieces of a batch array [B, ...], first n_valid rows only."""
     if hasattr(value, "addressable_shards"):
         pieces = [(s.index, s.data) for s in value.addressable_shards if s.replica_id == 0]
@@ -223,7 +223,7 @@ def write_batch(arrays: Mapping[str, zarr.Array], values: Mapping[str, Any], row
     from zarr.core.sync import sync
 
     lengths = np.asarray(values["length"])
-    pieces = {name: _row_blocks(arrays[name], value, row0, n_valid, lengths, name) for name, value in values.items()}
+    pieces = {name: row_blocks(arrays[name], value, row0, n_valid, lengths, name) for name, value in values.items()}
 
     async def write_array(array, blocks):
         # One array's blocks in turn: blocks of one batch may share a chunk (rows of a
