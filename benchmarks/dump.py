@@ -6,7 +6,8 @@ Measured in one run, on the same prompts and batches:
   dump, +attention    routing + attention top-k (k=16) on all layers and heads
 and the writer's MB/s on the topk run's batches, written with nothing else running, next to
 numpy.save of the same bytes to the same disk in the same pieces (each batch's block of each
-array, one file each). Compilation is excluded (one warm-up pass first).
+array, one file each), both into the page cache and timed until os.sync() returns (medians of
+--write-trials alternating trials). Compilation is excluded (one warm-up pass first).
 
     python benchmarks/dump.py [--checkpoint DIR] [--prompts N] [--batch-size B] [--device cpu|gpu]
 
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--write-trials", type=int, default=5, help="writer / numpy.save trials (medians)")
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu" if args.device == "cpu" else "cuda")
 
@@ -142,23 +144,45 @@ def main() -> None:
         recorded.append((row0, len(batch), {"tokens": tokens, "length": lengths,
                                             **{k: np.asarray(v) for k, v in outputs.items()}}))
     variables, coords = layout(model.config, spec, len(ids), args.max_len, B, {}, None)
-    group = create(work / "writer.zarr", variables, coords, {"grokscope": {"kind": "benchmark"}})
-    writer = StoreWriter(group)
-    t0 = time.perf_counter()
-    for row0, n, values in recorded:
-        writer.put(row0, n, values)
-    writer.close()
-    writer_seconds = time.perf_counter() - t0
-    arrays = {k: group[k] for k in group.array_keys()}
+
+    def write_store(trial: int) -> tuple[float, float, int]:
+        group = create(work / f"writer-{trial}.zarr", variables, coords, {"grokscope": {"kind": "benchmark"}})
+        os.sync()
+        writer = StoreWriter(group)
+        t0 = time.perf_counter()
+        for row0, n, values in recorded:
+            writer.put(row0, n, values)
+        writer.close()
+        seconds = time.perf_counter() - t0
+        os.sync()
+        return seconds, time.perf_counter() - t0, writer.bytes_written
+
+    arrays = {k: v for k, v in create(work / "shape.zarr", variables, coords, {}).arrays()}
     blocks = [(f"{name}-{row0}-{i}", block) for row0, n, values in recorded for name, value in values.items()
               for i, (_, block) in enumerate(row_blocks(arrays[name], value, row0, n, values["length"], name))]
-    npy_dir = work / "npy"
-    npy_dir.mkdir()
-    t0 = time.perf_counter()
-    for key, block in blocks:
-        np.save(npy_dir / f"{key}.npy", block)
-    np_seconds = time.perf_counter() - t0
     np_bytes = sum(b.nbytes for _, b in blocks)
+
+    def write_npy(trial: int) -> tuple[float, float, int]:
+        npy_dir = work / f"npy-{trial}"
+        npy_dir.mkdir()
+        os.sync()
+        t0 = time.perf_counter()
+        for key, block in blocks:
+            np.save(npy_dir / f"{key}.npy", block)
+        seconds = time.perf_counter() - t0
+        os.sync()
+        return seconds, time.perf_counter() - t0, np_bytes
+
+    # alternating trials, medians: page-cache speed swings from run to run
+    trials = {"writer": [], "npy": []}
+    for trial in range(args.write_trials):
+        trials["writer"].append(write_store(trial))
+        trials["npy"].append(write_npy(trial))
+    writer_seconds, writer_durable_seconds = (float(np.median([t[i] for t in trials["writer"]])) for i in (0, 1))
+    np_seconds, np_durable_seconds = (float(np.median([t[i] for t in trials["npy"]])) for i in (0, 1))
+    writer_bytes = trials["writer"][0][2]
+    on_disk = {"store": sum(f.stat().st_size for f in (work / "writer-0.zarr").rglob("*") if f.is_file()),
+               "npy": sum(f.stat().st_size for f in (work / "npy-0").iterdir())}
     in_dump = summaries["routing+attention topk"][0]
 
     device = jax.devices()[0]
@@ -169,11 +193,16 @@ def main() -> None:
     print(f"{'run':<34} {'seconds':>8} {'tokens/s':>10} {'vs forward':>11}")
     for name, seconds in results.items():
         print(f"{name:<34} {seconds:>8.2f} {n_tokens / seconds:>10.0f} {base / seconds:>10.0%}")
-    writer_mbs = writer.bytes_written / 1e6 / writer_seconds
+    writer_mbs = writer_bytes / 1e6 / writer_seconds
     np_mbs = np_bytes / 1e6 / np_seconds
-    print(f"writer alone: {writer.bytes_written / 1e6:.1f} MB in {writer_seconds:.2f} s = {writer_mbs:.0f} MB/s; "
+    print(f"writer alone: {writer_bytes / 1e6:.1f} MB in {writer_seconds:.2f} s = {writer_mbs:.0f} MB/s; "
           f"numpy.save of the same blocks ({np_bytes / 1e6:.1f} MB, {len(blocks)} files): {np_mbs:.0f} MB/s; "
-          f"ratio {writer_mbs / np_mbs:.2f}")
+          f"ratio {writer_mbs / np_mbs:.2f}  (into the page cache; medians of {args.write_trials})")
+    writer_durable, np_durable = (writer_bytes / 1e6 / writer_durable_seconds,
+                                  np_bytes / 1e6 / np_durable_seconds)
+    print(f"the same, timed until os.sync() returns (on disk: store {on_disk['store'] / 1e6:.1f} MB, "
+          f".npy {on_disk['npy'] / 1e6:.1f} MB): writer {writer_durable:.0f} MB/s, numpy.save {np_durable:.0f} MB/s; "
+          f"ratio {writer_durable / np_durable:.2f}")
     print(f"(during the dump, sharing the CPU with the forward: {in_dump.bytes_written / 1e6:.1f} MB in "
           f"{in_dump.writer_seconds:.2f} s of writing = {in_dump.bytes_written / 1e6 / in_dump.writer_seconds:.0f} MB/s)")
     import shutil

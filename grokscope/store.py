@@ -154,7 +154,8 @@ def create(path, variables: Mapping[str, Variable], coords: Mapping[str, np.ndar
     for v in variables.values():
         compressors = "auto" if v.dtype is str else _NUMERIC_COMPRESSORS
         group.create_array(v.name, shape=v.shape, dtype=v.dtype, chunks=v.chunks, dimension_names=v.dims,
-                           fill_value=v.fill_value, attributes=v.attrs, compressors=compressors)
+                           fill_value=v.fill_value, attributes=v.attrs, compressors=compressors,
+                           chunk_key_encoding={"name": "default", "separator": "."})
     for name, values in coords.items():
         array = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape,
                                    dimension_names=(name,), attributes={"long_name": name, "units": "index"})
@@ -210,6 +211,69 @@ def row_blocks(array: zarr.Array, value, row0: int, n_valid: int, lengths, name)
     return out
 
 
+def _chunk_encoder(array: zarr.Array):
+    """A numcodecs Blosc equal to the array's codec chain, or None when the array has another
+    chain (then its blocks go through zarr's own pipeline)."""
+    import sys
+
+    from numcodecs import Blosc
+
+    codecs = array.metadata.codecs if array.metadata.zarr_format == 3 else ()
+    if (len(codecs) != 2 or not isinstance(codecs[0], zarr.codecs.BytesCodec)
+            or not isinstance(codecs[1], zarr.codecs.BloscCodec) or sys.byteorder != "little"
+            or codecs[0].endian is not None and codecs[0].endian.value != "little"):
+        return None
+    blosc = codecs[1]
+    shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+    return Blosc(cname=blosc.cname.value, clevel=blosc.clevel, shuffle=shuffle[blosc.shuffle.value],
+                 blocksize=blosc.blocksize, typesize=blosc.typesize)
+
+
+def _whole_chunks(array: zarr.Array, selection, block: np.ndarray):
+    """(chunk coords, full-size chunk data) for every chunk `block` covers, when `selection`
+    is aligned with the chunk grid (every chunk whole, or cut only by the array's end);
+    None otherwise. Edge chunks are padded with the fill value, as zarr stores them."""
+    chunk_shape = array.metadata.chunk_grid.chunk_shape
+    grid = []
+    for sl, c, n in zip(selection, chunk_shape, array.shape):
+        if sl.start % c or (sl.stop % c and sl.stop != n):
+            return None
+        grid.append(range(sl.start // c, -(-sl.stop // c)))
+    out = []
+    for coords in np.ndindex(*(len(g) for g in grid)):
+        chunk = tuple(g[i] for g, i in zip(grid, coords))
+        piece = block[tuple(slice(k * c - sl.start, (k + 1) * c - sl.start)
+                            for k, c, sl in zip(chunk, chunk_shape, selection))]
+        if piece.shape != tuple(chunk_shape):
+            full = np.full(chunk_shape, array.metadata.fill_value, dtype=block.dtype)
+            full[tuple(slice(0, m) for m in piece.shape)] = piece
+            piece = full
+        out.append((chunk, np.ascontiguousarray(piece)))
+    return out
+
+
+def _write_local_chunk(path, encoder, data: np.ndarray) -> None:
+    """Encodes a chunk and writes it as zarr's LocalStore does: a temporary file in the same
+    directory, then an atomic rename, so a reader or a killed writer never sees half a chunk."""
+    import os
+    import uuid
+
+    encoded = encoder.encode(data)
+    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        handle = open(partial, "wb")
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(partial, "wb")
+    try:
+        with handle:
+            handle.write(encoded)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def write_batch(arrays: Mapping[str, zarr.Array], values: Mapping[str, Any], row0: int, n_valid: int) -> int:
     """Writes one batch's arrays [B, ...] at rows row0.. (first n_valid rows), concurrently.
 
@@ -217,19 +281,41 @@ def write_batch(arrays: Mapping[str, zarr.Array], values: Mapping[str, Any], row
     every block exactly once on any mesh); other dims are written from index 0. `values`
     must hold `length` (per batch row): padding positions of recorded quantities are written
     as the fill value. Returns the bytes written (before compression).
+
+    Blocks that cover whole chunks of an array with the store's numeric codecs are encoded
+    here, in worker threads, and stored as chunk objects directly: the same bytes zarr would
+    write, at about twice the speed of going through its pipeline chunk by chunk. Others
+    (strings, blocks split over devices) take zarr's `setitem`.
     """
     import asyncio
 
+    from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
     lengths = np.asarray(values["length"])
     pieces = {name: row_blocks(arrays[name], value, row0, n_valid, lengths, name) for name, value in values.items()}
+    to_buffer = default_buffer_prototype().buffer.from_bytes
+
+    async def write_chunk(array, encoder, coords, data):
+        key = array.metadata.encode_chunk_key(coords)
+        path = f"{array.store_path.path}/{key}" if array.store_path.path else key
+        store = array.store_path.store
+        if isinstance(store, zarr.storage.LocalStore):
+            await asyncio.to_thread(_write_local_chunk, store.root / path, encoder, data)
+        else:
+            encoded = await asyncio.to_thread(encoder.encode, data)
+            await store.set(path, to_buffer(encoded))
 
     async def write_array(array, blocks):
-        # One array's blocks in turn: blocks of one batch may share a chunk (rows of a
-        # batch split over devices), and concurrent writes to one chunk lose updates.
+        encoder = _chunk_encoder(array)
         for selection, block in blocks:
-            await array._async_array.setitem(selection, block)
+            chunks = _whole_chunks(array, selection, block) if encoder is not None else None
+            if chunks is None:
+                # One array's zarr writes in turn: blocks of one batch may share a chunk (rows
+                # of a batch split over devices), and concurrent writes to one chunk lose updates.
+                await array._async_array.setitem(selection, block)
+            else:
+                await asyncio.gather(*(write_chunk(array, encoder, coords, data) for coords, data in chunks))
 
     async def write_all():
         await asyncio.gather(*(write_array(arrays[name], blocks) for name, blocks in pieces.items()))

@@ -165,3 +165,60 @@ def test_token_pieces_label_the_tokens(session):
     assert "".join(pieces).replace("\u2581", " ").strip() == "a b c" or "".join(pieces).replace("\u2581", " ") \
         .replace("\n", " ").strip() == "a b c"
     assert session.tokenizer.ids_from_pieces(pieces) == list(ds["tokens"].values[0, : ds["length"].values[0]])
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_direct_chunk_writes_equal_zarrs_own(tmp_path, where):
+    """write_batch encodes whole chunks itself; the stored objects must be the bytes zarr's
+    pipeline writes for the same data: aligned batches, a last batch cut by the array's end
+    (edge chunk padded with the fill value), and a block split inside a chunk (zarr's path)."""
+    from grokscope.config import TINY
+    from grokscope.store import create, layout, mask_padding, write_batch
+
+    spec = RecordSpec(attention=AttentionSpec(format="topk", k=4))
+    variables, coords = layout(TINY, spec, num_sequences=11, max_len=200, batch_size=4)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, 11).astype(np.int32)
+    values = {"tokens": rng.integers(0, 100, (11, 200)).astype(np.int32), "length": lengths,
+              "done": np.ones(11, bool)}
+    for name in spec.resolved(TINY).names:
+        v = variables[name]
+        values[name] = (rng.standard_normal(v.shape) * 4).astype(v.dtype)
+
+    def make(label):
+        store = str(tmp_path / f"{label}.zarr") if where == "local" else zarr.storage.MemoryStore()
+        group = create(store, variables, coords, {"grokscope": {}})
+        return group, {name: group[name].with_config({"write_empty_chunks": True}) for name in values}
+
+    direct, direct_arrays = make("direct")
+    for row0 in range(0, 11, 4):
+        n = min(4, 11 - row0)
+        write_batch(direct_arrays, {k: v[row0:row0 + 4] for k, v in values.items()}, row0, n)
+    reference, reference_arrays = make("reference")
+    for name, array in reference_arrays.items():
+        block = values[name]
+        if name != "length" and name != "done":
+            block = mask_padding(name, block.copy(), lengths, [0] * block.ndim)
+        array[...] = block
+
+    def objects(group):
+        from zarr.core.sync import sync
+
+        store = group.store
+
+        async def collect():
+            keys = [k async for k in store.list() if "/c" in k and not k.endswith("zarr.json")]
+            return {k: (await store.get(k, prototype=zarr.core.buffer.default_buffer_prototype())).to_bytes()
+                    for k in keys}
+        return sync(collect())
+
+    got, want = objects(direct), objects(reference)
+    assert sorted(got) == sorted(want) and len(got) > 20
+    for key in want:
+        assert got[key] == want[key], key
+    # a block that splits a chunk (rows 1..2 of a 4-row chunk) goes through zarr and is read back exactly
+    write_batch(direct_arrays, {k: v[1:3] * (2 if k not in ("length", "done") else 1) for k, v in values.items()},
+                1, 2)
+    expected = mask_padding("router_logits", values["router_logits"][1:3] * 2, lengths[1:3], [0] * 4)
+    np.testing.assert_array_equal(direct_arrays["router_logits"][1:3], expected)
+    np.testing.assert_array_equal(direct_arrays["router_logits"][0], reference_arrays["router_logits"][0])
