@@ -159,6 +159,20 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from grokscope.report import write_report
+    from grokscope.store import StoreError
+
+    try:
+        out = write_report(args.store, args.output, by=args.by, sequences=args.sequences,
+                           summary=not args.no_summary)
+    except (StoreError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; opens offline in a browser)")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-tiny"]:
@@ -191,6 +205,14 @@ def main(argv=None) -> int:
     p.add_argument("--permutations", type=int, default=200, help="shuffles for the p-values (default 200)")
     p.add_argument("-o", "--output", help="also write the summary to a .json or .csv file")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("report", help="one standalone HTML file of a store's routing figures (opens offline)")
+    p.add_argument("store", help="a store path or fsspec URL")
+    p.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
+    p.add_argument("--by", help="a per-sequence variable to compare groups by (default: label, if present)")
+    p.add_argument("--sequences", type=int, default=3, help="sequences whose routing is shown (default 3)")
+    p.add_argument("--no-summary", action="store_true", help="leave out the analyze table (its permutation tests)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("inspect", help="list and validate every tensor of a checkpoint")
     p.add_argument("checkpoint_dir", help="directory holding ckpt-0/")

@@ -1,0 +1,300 @@
+"""Plotly figures of routing and attention: pure functions of the data, shared by the
+interactive widgets (which wrap them in `FigureWidget`s and update them) and by the static
+report (which embeds them in one HTML file).
+
+Every statistic comes from `grokscope.analysis`; this module only draws.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import xarray as xr
+
+from grokscope import analysis
+from grokscope.widgets.data import SequenceRouting
+
+__all__ = ["expert_colours", "routing_heatmap", "token_html", "token_probs_figure", "attention_heatmap",
+           "query_figure", "load_figure", "entropy_figure", "coactivation_figure", "sankey_figure",
+           "top_tokens_figure", "group_figure", "FONT"]
+
+# Tableau 10's first eight: distinct in hue and lightness, legible behind dark text.
+_EIGHT = ["#4C78A8", "#F58518", "#E45756", "#72B7B2", "#54A24B", "#EECA3B", "#B279A2", "#FF9DA6"]
+_MORE = ["#9D755D", "#BAB0AC", "#1F77B4", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#17BECF",
+         "#BCBD22", "#7F7F7F", "#AEC7E8", "#FFBB78", "#98DF8A", "#FF9896", "#C5B0D5", "#C49C94"]
+FONT = dict(family="DejaVu Sans, Arial, sans-serif", size=12)
+_MARGIN = dict(l=60, r=20, t=50, b=50)
+
+
+def expert_colours(num_experts: int) -> list[str]:
+    """One colour per expert: eight distinct ones for Grok's 8 experts, more for larger E."""
+    palette = _EIGHT + _MORE
+    return [palette[e % len(palette)] for e in range(num_experts)]
+
+
+def _rgba(colour: str, alpha: float) -> str:
+    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha:.3f})"
+
+
+def _discrete_colourscale(colours: Sequence[str]) -> list:
+    """A colourscale with one flat band per integer value 0..n-1 (zmin -0.5, zmax n-0.5)."""
+    n = len(colours)
+    scale = []
+    for i, c in enumerate(colours):
+        scale += [[i / n, c], [(i + 1) / n, c]]
+    return scale
+
+
+def _layout(fig: go.Figure, title: str, height: int, **kwargs) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.01, xanchor="left"), height=height, font=FONT,
+                      margin=_MARGIN, template="plotly_white", **kwargs)
+    return fig
+
+
+def _token_axis(pieces: Sequence[str], max_labels: int = 80) -> dict:
+    """Tick labels for a token axis: every piece (prefixed by its position when thinned)."""
+    T = len(pieces)
+    step = max(1, -(-T // max_labels))
+    ticks = list(range(0, T, step))
+    return dict(tickmode="array", tickvals=ticks, ticktext=[pieces[t] if step == 1 else f"{t}:{pieces[t]}"
+                                                            for t in ticks], tickangle=-60)
+
+
+def routing_heatmap(r: SequenceRouting, layer: int | None = None, position: int | None = None) -> go.Figure:
+    """Layer x token heatmap of each token's first-choice expert (one colour per expert).
+
+    Hover: token, position, layer, both (all k) chosen experts and their gates. A frame marks
+    `layer` (the layer shown in the coloured text) and a column `position` (the selected token).
+    """
+    E = r.num_experts
+    colours = expert_colours(E)
+    L, T, K = r.expert_index.shape
+    custom = np.empty((L, T, 2 + 2 * K), dtype=object)
+    custom[..., 0] = np.broadcast_to(np.array(r.pieces, dtype=object), (L, T))
+    custom[..., 1] = np.broadcast_to(np.arange(T), (L, T))
+    for k in range(K):
+        custom[..., 2 + 2 * k] = r.expert_index[..., k]
+        custom[..., 3 + 2 * k] = np.round(r.expert_gate[..., k], 3)
+    choices = "<br>".join(f"choice {k + 1}: expert %{{customdata[{2 + 2 * k}]}} "
+                          f"(gate %{{customdata[{3 + 2 * k}]}})" for k in range(K))
+    fig = go.Figure(go.Heatmap(
+        z=r.top1.astype(float), x=np.arange(T), y=[str(x) for x in r.layers], customdata=custom,
+        colorscale=_discrete_colourscale(colours), zmin=-0.5, zmax=E - 0.5, xgap=1, ygap=1,
+        colorbar=dict(title=dict(text="expert"), tickvals=list(range(E)), ticktext=[str(e) for e in range(E)],
+                      len=1.0, thickness=14),
+        hovertemplate="token %{customdata[0]} (position %{customdata[1]})<br>layer %{y}<br>" + choices
+                      + "<extra></extra>", name="first-choice expert"))
+    shapes = []
+    if layer is not None:
+        li = int(np.flatnonzero(r.layers == layer)[0])
+        shapes.append(dict(type="rect", xref="x", yref="y", x0=-0.5, x1=T - 0.5, y0=li - 0.5, y1=li + 0.5,
+                           line=dict(color="#222", width=2)))
+    if position is not None:
+        shapes.append(dict(type="rect", xref="x", yref="y", x0=position - 0.5, x1=position + 0.5, y0=-0.5,
+                           y1=L - 0.5, line=dict(color="#222", width=2, dash="dot")))
+    title = "first-choice expert per token and layer" + (f" (framed: layer {layer})" if layer is not None else "")
+    _layout(fig, title, height=max(220, 60 + 28 * L + 60), shapes=shapes,
+            xaxis=dict(title="token", **_token_axis(r.pieces)), yaxis=dict(title="layer", type="category"))
+    return fig
+
+
+def token_html(r: SequenceRouting, layer: int, position: int | None = None) -> str:
+    """The text, each token on its first-choice expert's colour at `layer` (stronger for a
+    larger gate), with a legend; hovering a token shows its experts and gates."""
+    colours = expert_colours(r.num_experts)
+    li = int(np.flatnonzero(r.layers == layer)[0])
+    spans = []
+    for t, piece in enumerate(r.pieces):
+        e = int(r.expert_index[li, t, 0])
+        gate = float(r.expert_gate[li, t, 0])
+        alpha = 0.35 + 0.65 * min(1.0, gate)
+        tip = ", ".join(f"expert {int(x)} gate {g:.3f}" for x, g in zip(r.expert_index[li, t], r.expert_gate[li, t]))
+        frame = "outline:2px solid #222;" if t == position else ""
+        text = html.escape(piece) + ("<br>" if piece.endswith("↵") else "")
+        spans.append(f'<span title="{html.escape(f"position {t}, layer {layer}: {tip}")}" '
+                     f'style="background:{_rgba(colours[e], alpha)};padding:1px 2px;margin:1px;border-radius:3px;'
+                     f'{frame}">{text}</span>')
+    legend = " ".join(f'<span style="background:{c};padding:1px 6px;margin-right:4px;border-radius:3px">'
+                      f'{e}</span>' for e, c in enumerate(colours))
+    return (f'<div style="font-family:DejaVu Sans Mono, monospace;font-size:13px;line-height:1.9">'
+            f'<div style="font-family:DejaVu Sans, sans-serif;margin-bottom:4px"><b>layer {layer}</b>: each token '
+            f'on its first-choice expert\'s colour (stronger = larger gate). Experts: {legend}</div>'
+            f'<div style="white-space:normal">{"".join(spans)}</div></div>')
+
+
+def token_probs_figure(r: SequenceRouting, position: int) -> go.Figure:
+    """One token's router probabilities at every layer: stacked bars per expert (each bar
+    sums to 1); from the chosen experts' gates when router logits were not recorded."""
+    E = r.num_experts
+    colours = expert_colours(E)
+    L = len(r.layers)
+    if r.probs is not None:
+        probs = r.probs[:, position, :]
+    else:
+        probs = np.zeros((L, E), np.float32)
+        np.put_along_axis(probs, r.expert_index[:, position, :], r.expert_gate[:, position, :], axis=1)
+    layers = [str(x) for x in r.layers]
+    fig = go.Figure([go.Bar(x=layers, y=probs[:, e], name=f"expert {e}", marker_color=colours[e],
+                            hovertemplate=f"expert {e}<br>layer %{{x}}<br>p = %{{y:.3f}}<extra></extra>")
+                     for e in range(E)])
+    chosen = ", ".join(f"L{layer}: {'+'.join(str(int(x)) for x in r.expert_index[i, position])}"
+                       for i, layer in enumerate(r.layers[:8]))
+    _layout(fig, f"router probabilities of token {position} '{r.pieces[position]}' ({chosen}"
+                 f"{', …' if L > 8 else ''})", height=320, barmode="stack",
+            xaxis=dict(title="layer", type="category"), yaxis=dict(title="probability", range=[0, 1]),
+            legend=dict(orientation="v"))
+    return fig
+
+
+def attention_heatmap(matrix: np.ndarray, pieces: Sequence[str], title: str, query: int | None = None) -> go.Figure:
+    """Query x key attention probabilities labelled with tokens (keys after the query blank)."""
+    T = matrix.shape[0]
+    z = np.where(np.arange(T)[None, :] <= np.arange(T)[:, None], matrix, np.nan)
+    custom = np.empty((T, T, 2), dtype=object)
+    custom[..., 0] = np.array(pieces, dtype=object)[:, None]
+    custom[..., 1] = np.array(pieces, dtype=object)[None, :]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=np.arange(T), y=np.arange(T), customdata=custom, colorscale="Blues", zmin=0, zmax=float(np.nanmax(z))
+        if np.isfinite(z).any() and np.nanmax(z) > 0 else 1,
+        colorbar=dict(title=dict(text="weight"), thickness=14),
+        hovertemplate="query %{y} %{customdata[0]}<br>key %{x} %{customdata[1]}<br>weight %{z:.3f}<extra></extra>"))
+    shapes = []
+    if query is not None:
+        shapes.append(dict(type="rect", xref="x", yref="y", x0=-0.5, x1=T - 0.5, y0=query - 0.5, y1=query + 0.5,
+                           line=dict(color="#E45756", width=2)))
+    size = min(720, max(320, 120 + 14 * T))
+    _layout(fig, title, height=size, shapes=shapes,
+            xaxis=dict(title="key", **_token_axis(pieces, 60)),
+            yaxis=dict(title="query", autorange="reversed", **{**_token_axis(pieces, 60), "tickangle": 0}))
+    return fig
+
+
+def query_figure(matrix: np.ndarray, pieces: Sequence[str], query: int, title: str = "") -> go.Figure:
+    """Where one token looks: its attention weights over the keys up to itself."""
+    weights = matrix[query, :query + 1]
+    fig = go.Figure(go.Bar(x=np.arange(query + 1), y=weights, marker_color="#4C78A8",
+                           customdata=np.array(pieces[:query + 1], dtype=object),
+                           hovertemplate="key %{x} %{customdata}<br>weight %{y:.3f}<extra></extra>"))
+    _layout(fig, title or f"where token {query} '{pieces[query]}' looks", height=300,
+            xaxis=dict(title="key", **_token_axis(pieces[:query + 1], 60)), yaxis=dict(title="weight"))
+    return fig
+
+
+def load_figure(ds: xr.Dataset) -> go.Figure:
+    """Expert load per layer: the share of top-k assignments each expert receives (stacked to
+    1), with the uniform 1/E boundaries as the reference."""
+    load = analysis.hard_load(ds).compute()
+    E = ds.sizes["expert"]
+    colours = expert_colours(E)
+    layers = [str(x) for x in load["layer"].values]
+    fig = go.Figure([go.Bar(x=layers, y=load.sel(expert=e).values, name=f"expert {e}", marker_color=colours[i],
+                            hovertemplate=f"expert {e}<br>layer %{{x}}<br>load %{{y:.3f}}<extra></extra>")
+                     for i, e in enumerate(load["expert"].values)])
+    _layout(fig, f"expert load per layer (share of top-{ds.sizes['slot']} assignments; uniform = {1 / E:.3f} each)",
+            height=360, barmode="stack", xaxis=dict(title="layer", type="category"),
+            yaxis=dict(title="share", range=[0, 1]))
+    return fig
+
+
+def entropy_figure(ds: xr.Dataset) -> go.Figure:
+    """Mean normalised router entropy per layer (1 = uniform routing, 0 = one expert)."""
+    entropy = analysis.mean_router_entropy(ds).compute()
+    layers = [str(x) for x in entropy["layer"].values]
+    fig = go.Figure(go.Scatter(x=layers, y=entropy.values, mode="lines+markers", name="mean entropy",
+                               line=dict(color="#4C78A8"),
+                               hovertemplate="layer %{x}<br>entropy %{y:.3f}<extra></extra>"))
+    fig.add_hline(y=1.0, line=dict(color="#888", dash="dash"), annotation_text="uniform routing",
+                  annotation_position="bottom right")
+    _layout(fig, "router entropy per layer (normalised: H / ln E)", height=320,
+            xaxis=dict(title="layer", type="category"), yaxis=dict(title="entropy", range=[0, 1.05]))
+    return fig
+
+
+def coactivation_figure(ds: xr.Dataset, layer: int) -> go.Figure:
+    """Expert pairs chosen together at one layer: CoAct(i, j) = N(i, j) / N(i)."""
+    co = analysis.coactivation(ds).sel(layer=layer).compute()
+    experts = [str(e) for e in co["expert"].values]
+    fig = go.Figure(go.Heatmap(
+        z=co["coactivation"].values, x=experts, y=experts, customdata=co["count"].values, colorscale="Viridis",
+        zmin=0, colorbar=dict(title=dict(text="N(i,j)/N(i)"), thickness=14),
+        hovertemplate="expert %{y} with expert %{x}<br>%{z:.3f} of expert %{y}'s tokens "
+                      "(%{customdata} tokens)<extra></extra>"))
+    _layout(fig, f"co-activation at layer {layer}: share of expert i's tokens that also take j", height=380,
+            xaxis=dict(title="expert j", type="category"), yaxis=dict(title="expert i", type="category",
+                                                                      autorange="reversed"))
+    return fig
+
+
+def sankey_figure(ds: xr.Dataset, layer_a: int, layer_b: int) -> go.Figure:
+    """Top-1 expert flow from layer_a to layer_b: link (i, j) carries the tokens whose first
+    choice is i at layer_a and j at layer_b (the flows sum to the token count)."""
+    tm = analysis.transition_matrix(ds, layer_a, layer_b)
+    counts = np.asarray(tm["count"].values)
+    E = counts.shape[0]
+    colours = expert_colours(E)
+    source, target, value, link_colours = [], [], [], []
+    for i in range(E):
+        for j in range(E):
+            if counts[i, j] > 0:
+                source.append(i)
+                target.append(E + j)
+                value.append(int(counts[i, j]))
+                link_colours.append(_rgba(colours[i], 0.45))
+    labels = [f"L{layer_a} e{e}" for e in range(E)] + [f"L{layer_b} e{e}" for e in range(E)]
+    fig = go.Figure(go.Sankey(
+        arrangement="fixed",
+        node=dict(label=labels, color=colours + colours, pad=8, thickness=14,
+                  x=[0.01] * E + [0.99] * E, y=[(e + 0.5) / E for e in range(E)] * 2),
+        link=dict(source=source, target=target, value=value, color=link_colours,
+                  hovertemplate="%{source.label} → %{target.label}: %{value} tokens<extra></extra>")))
+    _layout(fig, f"first-choice expert flow, layer {layer_a} → layer {layer_b} ({int(counts.sum())} tokens)",
+            height=420)
+    return fig
+
+
+def top_tokens_figure(ds: xr.Dataset, layer: int, n: int = 8, pieces: Sequence[str] | None = None) -> go.Figure:
+    """A table of the tokens each expert most often takes as first choice at one layer."""
+    top = analysis.top_tokens_per_expert(ds, n=n).sel(layer=layer)
+    if pieces is None and "vocab_piece" in ds:
+        pieces = [str(p) for p in ds["vocab_piece"].values]
+    from grokscope.tokenizer import display_piece
+
+    def label(token: int, count: int) -> str:
+        if token < 0:
+            return ""
+        text = display_piece(pieces[token]) if pieces is not None else str(token)
+        return f"{text} ({count})"
+
+    E = ds.sizes["expert"]
+    colours = expert_colours(E)
+    columns = [[label(int(t), int(c)) for t, c in zip(top["token"].values[e], top["count"].values[e])]
+               for e in range(E)]
+    fig = go.Figure(go.Table(
+        header=dict(values=[f"expert {e}" for e in top["expert"].values], fill_color=colours,
+                    font=dict(color="#111", size=12), align="left"),
+        cells=dict(values=columns, align="left", font=dict(size=11), height=22)))
+    _layout(fig, f"tokens most often sent to each expert at layer {layer} (first choice; count)",
+            height=120 + 24 * n)
+    return fig
+
+
+def group_figure(ds: xr.Dataset, by: str, layer: int) -> go.Figure:
+    """Expert load at one layer for each group of sequences (e.g. by `label`: code vs prose),
+    with the uniform 1/E line."""
+    load = analysis.group_load(ds, by=by).sel(layer=layer)
+    E = ds.sizes["expert"]
+    palette = ["#4C78A8", "#F58518", "#54A24B", "#B279A2", "#E45756", "#72B7B2"]
+    fig = go.Figure([go.Bar(x=[str(e) for e in load["expert"].values], y=load["share"].sel(group=g).values,
+                            name=f"{g} ({int(load['tokens'].sel(group=g))} tokens)",
+                            marker_color=palette[i % len(palette)],
+                            hovertemplate=f"{g}<br>expert %{{x}}<br>share %{{y:.3f}}<extra></extra>")
+                     for i, g in enumerate(load["group"].values)])
+    fig.add_hline(y=1 / E, line=dict(color="#888", dash="dash"), annotation_text="uniform 1/E",
+                  annotation_position="top right")
+    _layout(fig, f"expert load at layer {layer} by {by}", height=340, barmode="group",
+            xaxis=dict(title="expert", type="category"), yaxis=dict(title="share of assignments"))
+    return fig
