@@ -68,8 +68,9 @@ class ExpertDashboard(View):
                                   layout=W.Layout(width="200px"))
         self.sankey = go.FigureWidget()
         columns = group_columns(source)
+        default = by if by in columns else ("label" if "label" in columns else (columns[0] if columns else None))
         self.by = W.Dropdown(options=columns or ["(no per-sequence labels)"], description="group by",
-                             value=by if by in columns else (columns[0] if columns else "(no per-sequence labels)"),
+                             value=default or "(no per-sequence labels)",
                              layout=W.Layout(width="300px"), disabled=not columns)
         self.groups = go.FigureWidget()
         self.layer.observe(lambda _: guarded(self.status, self._draw_layer), names="value")

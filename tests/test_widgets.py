@@ -1,0 +1,228 @@
+"""The views' data: every figure checked against the stored arrays, computed here by plain loops."""
+
+import json
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from grokscope import AttentionSpec, RecordSpec, Session, dump, open_store
+from grokscope.widgets import AttentionExplorer, ExpertDashboard, RoutingExplorer, figures
+from grokscope.widgets.data import attention_matrix, sequence_routing
+
+PROMPTS = [("def area(r):\n    return 3.14 * r * r\n", "code"), ("The cat sat on the warm mat.", "prose"),
+           ("for x in items:\n    total += x", "code"), ("Rain fell all night over the hills.", "prose"),
+           ("import sys", "code")]
+
+
+@pytest.fixture(scope="module")
+def session():
+    return Session()  # the bundled grok-tiny model
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("widgets")
+    prompts = directory / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in PROMPTS))
+    out = directory / "s.zarr"
+    dump(prompts, out, batch_size=2, progress=False)
+    return open_store(str(out)).load()
+
+
+def _first_choices(ds):
+    """[(sequence, position) -> first-choice expert per layer] for real tokens, by a loop."""
+    out = []
+    for s in range(ds.sizes["sequence"]):
+        for p in range(int(ds["length"][s])):
+            out.append((s, p, [int(ds["expert_index"].values[s, p, layer, 0]) for layer in range(ds.sizes["layer"])]))
+    return out
+
+
+def test_routing_heatmap_is_the_stored_first_choice(store):
+    for s in range(store.sizes["sequence"]):
+        r = sequence_routing(store, s)
+        fig = figures.routing_heatmap(r, layer=1, position=0)
+        z = np.array(fig.data[0].z)
+        T = int(store["length"][s])
+        assert z.shape == (store.sizes["layer"], T)
+        for layer in range(store.sizes["layer"]):
+            for t in range(T):
+                assert z[layer, t] == store["expert_index"].values[s, t, layer, 0]
+                custom = fig.data[0].customdata[layer][t]
+                assert custom[2] == store["expert_index"].values[s, t, layer, 0]
+                assert custom[4] == store["expert_index"].values[s, t, layer, 1]
+                assert abs(custom[3] - store["expert_gate"].values[s, t, layer, 0]) < 1e-3
+        assert len(r.pieces) == T and all("▁" not in p and " " not in p for p in r.pieces)
+
+
+def test_token_probabilities_are_the_router_softmax(store):
+    r = sequence_routing(store, 1)
+    fig = figures.token_probs_figure(r, position=2)
+    bars = np.array([trace.y for trace in fig.data])  # [expert, layer]
+    logits = store["router_logits"].values[1, 2].astype(np.float64)  # [layer, expert]
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(bars.T, expected, atol=1e-6)
+    assert np.allclose(bars.sum(0), 1, atol=1e-5)
+
+
+def test_token_html_colours_each_token_by_its_expert(store):
+    r = sequence_routing(store, 0)
+    colours = figures.expert_colours(r.num_experts)
+    page = figures.token_html(r, layer=2)
+    spans = re.findall(r'<span title="position (\d+), layer 2: [^"]*" style="background:rgba\((\d+),(\d+),(\d+),', page)
+    assert len(spans) == len(r.pieces)
+    for position, red, green, blue in spans:
+        e = int(store["expert_index"].values[0, int(position), 2, 0])
+        assert colours[e] == "#{:02X}{:02X}{:02X}".format(int(red), int(green), int(blue))
+
+
+def test_sankey_flows_sum_to_the_token_count_and_match_a_count(store):
+    fig = figures.sankey_figure(store, 0, 3)
+    link = fig.data[0].link
+    tokens = int(store["length"].sum())
+    assert sum(link.value) == tokens
+    E = store.sizes["expert"]
+    counts = np.zeros((E, E), int)
+    for _, _, first in _first_choices(store):
+        counts[first[0], first[3]] += 1
+    got = np.zeros((E, E), int)
+    for s, t, v in zip(link.source, link.target, link.value):
+        got[s, t - E] += v
+    np.testing.assert_array_equal(got, counts)
+
+
+def test_load_and_group_bars_match_counts(store):
+    E, K = store.sizes["expert"], store.sizes["slot"]
+    counts = np.zeros((store.sizes["layer"], E))
+    group_counts = {"code": np.zeros(E), "prose": np.zeros(E)}
+    for s in range(store.sizes["sequence"]):
+        for p in range(int(store["length"][s])):
+            for layer in range(store.sizes["layer"]):
+                for k in range(K):
+                    e = int(store["expert_index"].values[s, p, layer, k])
+                    counts[layer, e] += 1
+                    if layer == 1:
+                        group_counts[str(store["label"].values[s])][e] += 1
+    load = np.array([trace.y for trace in figures.load_figure(store).data]).T  # [layer, expert]
+    np.testing.assert_allclose(load, counts / counts.sum(1, keepdims=True))
+    bars = {trace.name.split(" ")[0]: np.array(trace.y) for trace in figures.group_figure(store, "label", 1).data}
+    for group, c in group_counts.items():
+        np.testing.assert_allclose(bars[group], c / c.sum())
+
+
+def test_coactivation_and_top_tokens_match_counts(store):
+    E = store.sizes["expert"]
+    pair, single = np.zeros((E, E)), np.zeros(E)
+    token_counts = [dict() for _ in range(E)]
+    for s in range(store.sizes["sequence"]):
+        for p in range(int(store["length"][s])):
+            a, b = (int(x) for x in store["expert_index"].values[s, p, 2])
+            pair[a, b] += 1
+            pair[b, a] += 1
+            single[a] += 1
+            single[b] += 1
+            token = int(store["tokens"].values[s, p])
+            token_counts[a][token] = token_counts[a].get(token, 0) + 1
+    z = np.array(figures.coactivation_figure(store, 2).data[0].z, dtype=float)
+    expected = np.where(single[:, None] > 0, pair / np.maximum(single[:, None], 1), np.nan)
+    np.testing.assert_allclose(z, expected)
+    table = figures.top_tokens_figure(store, 2, n=3).data[0]
+    for e in range(E):
+        if not token_counts[e]:
+            continue
+        best = max(token_counts[e].values())
+        first_cell = table.cells.values[e][0]
+        assert first_cell.endswith(f"({best})"), (e, first_cell, best)
+
+
+@pytest.mark.parametrize("fmt", ["full", "head_mean", "topk"])
+def test_attention_matrix_from_every_format(session, fmt):
+    texts = ["def f(a, b):\n    return a + b", "Once upon a time"]
+    full = session.run(texts, record=RecordSpec(routing=False, attention=AttentionSpec(format="full")))
+    spec = {"full": AttentionSpec(format="full"), "head_mean": AttentionSpec(format="head_mean"),
+            "topk": AttentionSpec(format="topk", k=3)}[fmt]
+    ds = session.run(texts, record=RecordSpec(routing=False, attention=spec))
+    T = int(ds["length"][0])
+    dense = full["attn_weights"].values[0, 1].astype(np.float32)[:, :T, :T]  # [head, query, key] at layer 1
+    got = attention_matrix(ds, 0, layer=1, head=None)
+    assert got.shape == (T, T)
+    if fmt == "topk":
+        expected = np.zeros((T, T), np.float32)
+        for h in range(dense.shape[0]):
+            for q in range(T):
+                for key in np.argsort(-dense[h, q])[:3]:
+                    if key <= q:
+                        expected[q, key] += dense[h, q, key]
+        expected /= dense.shape[0]
+        np.testing.assert_allclose(got, expected, atol=2e-3)
+        head0 = attention_matrix(ds, 0, layer=1, head=0)
+        assert ((head0 > 0).sum(1) == np.minimum(np.arange(T) + 1, 3)).all()
+    else:
+        np.testing.assert_allclose(got, dense.mean(0), atol=2e-3)
+        assert np.allclose(got.sum(1), 1, atol=5e-3)
+    if fmt == "full":
+        np.testing.assert_array_equal(attention_matrix(ds, 0, layer=1, head=2), dense[2])
+    if fmt == "head_mean":
+        with pytest.raises(ValueError, match="mean over heads"):
+            attention_matrix(ds, 0, layer=1, head=0)
+    explorer = AttentionExplorer(ds)
+    explorer.select(layer=1, head=None, query=T - 1)
+    z = np.array(explorer.heatmap.data[0].z, dtype=float)
+    causal = np.tril(np.ones((T, T), bool))
+    np.testing.assert_allclose(z[causal], got[causal], atol=1e-6)
+    assert np.isnan(z[~causal]).all()
+    np.testing.assert_allclose(explorer.per_query.data[0].y, got[T - 1, :T], atol=1e-6)
+
+
+def test_routing_explorer_follows_its_controls(store):
+    explorer = RoutingExplorer(store, sequence=0)
+    explorer.sequence.value = 3
+    T = int(store["length"][3])
+    assert np.array(explorer.heatmap.data[0].z).shape == (store.sizes["layer"], T)
+    explorer.select(layer=1)
+    frame = explorer.heatmap.layout.shapes[0]
+    assert (frame.y0, frame.y1) == (0.5, 1.5) and "framed: layer 1" in explorer.heatmap.layout.title.text
+    assert "<b>layer 1</b>" in explorer.text.value
+    # a click on the heatmap cell (layer 3, token 2) selects both
+    explorer._clicked(explorer.heatmap.data[0], SimpleNamespace(point_inds=[(3, 2)], xs=[2], ys=["3"]), None)
+    assert explorer.layer.value == 3 and explorer.position.value == 2
+    assert f"token 2 '{sequence_routing(store, 3).pieces[2]}'" in explorer.probs.layout.title.text
+
+
+def test_live_session_explorer_runs_what_is_typed(session):
+    explorer = RoutingExplorer(session, prompt="x = 1")
+    first = np.array(explorer.heatmap.data[0].z).shape
+    explorer.prompt.value = "print('hello, world')\nprint('again')"
+    explorer.run_button.click()
+    ds = explorer.source.dataset
+    assert ds["prompt"].values[0] == explorer.prompt.value
+    assert np.array(explorer.heatmap.data[0].z).shape == (4, int(ds["length"][0])) != first
+
+
+def test_dashboard_on_a_session_and_its_errors(session, store):
+    board = ExpertDashboard(session, prompts=[t for t, _ in PROMPTS], labels=[l for _, l in PROMPTS])
+    assert board.by.value == "label"
+    assert sum(board.sankey.data[0].link.value) == int(store["length"].sum())
+    board.select(layer_a=1, layer_b=2)
+    assert "layer 1 → layer 2" in board.sankey.layout.title.text
+    with pytest.raises(ValueError, match="needs prompts"):
+        ExpertDashboard(session)
+    with pytest.raises(TypeError, match="Session or an xarray Dataset"):
+        RoutingExplorer(42)
+    with pytest.raises(ValueError, match="no attention record"):
+        AttentionExplorer(store)
+
+
+def test_static_copies_embed_plotlyjs_once(store):
+    from grokscope.widgets import base
+
+    base._sent_plotlyjs = False
+    first = RoutingExplorer(store)._repr_mimebundle_()
+    second = ExpertDashboard(store)._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in first
+    marker = "window.PlotlyConfig"
+    assert first["text/html"].count(marker) == 1 and second["text/html"].count(marker) == 0
+    assert second["text/html"].count('class="plotly-graph-div"') == 6
