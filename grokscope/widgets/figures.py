@@ -40,6 +40,16 @@ def _rgba(colour: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha:.3f})"
 
 
+def _json_safe(z: np.ndarray) -> np.ndarray:
+    """z with None where it is NaN: a FigureWidget's JSON carries no NaN (plotly shows a gap)."""
+    z = np.asarray(z, dtype=float)
+    if not np.isnan(z).any():
+        return z
+    out = z.astype(object)
+    out[np.isnan(z)] = None
+    return out
+
+
 def _discrete_colourscale(colours: Sequence[str]) -> list:
     """A colourscale with one flat band per integer value 0..n-1 (zmin -0.5, zmax n-0.5)."""
     n = len(colours)
@@ -157,9 +167,10 @@ def attention_heatmap(matrix: np.ndarray, pieces: Sequence[str], title: str, que
     custom = np.empty((T, T, 2), dtype=object)
     custom[..., 0] = np.array(pieces, dtype=object)[:, None]
     custom[..., 1] = np.array(pieces, dtype=object)[None, :]
+    top = float(np.nanmax(z)) if np.isfinite(z).any() else 0.0
     fig = go.Figure(go.Heatmap(
-        z=z, x=np.arange(T), y=np.arange(T), customdata=custom, colorscale="Blues", zmin=0, zmax=float(np.nanmax(z))
-        if np.isfinite(z).any() and np.nanmax(z) > 0 else 1,
+        z=_json_safe(z), x=np.arange(T), y=np.arange(T), customdata=custom, colorscale="Blues", zmin=0,
+        zmax=top if top > 0 else 1,
         colorbar=dict(title=dict(text="weight"), thickness=14),
         hovertemplate="query %{y} %{customdata[0]}<br>key %{x} %{customdata[1]}<br>weight %{z:.3f}<extra></extra>"))
     shapes = []
@@ -219,7 +230,7 @@ def coactivation_figure(ds: xr.Dataset, layer: int) -> go.Figure:
     co = analysis.coactivation(ds).sel(layer=layer).compute()
     experts = [str(e) for e in co["expert"].values]
     fig = go.Figure(go.Heatmap(
-        z=co["coactivation"].values, x=experts, y=experts, customdata=co["count"].values, colorscale="Viridis",
+        z=_json_safe(co["coactivation"].values), x=experts, y=experts, customdata=co["count"].values, colorscale="Viridis",
         zmin=0, colorbar=dict(title=dict(text="N(i,j)/N(i)"), thickness=14),
         hovertemplate="expert %{y} with expert %{x}<br>%{z:.3f} of expert %{y}'s tokens "
                       "(%{customdata} tokens)<extra></extra>"))
