@@ -16,9 +16,10 @@ from grokscope.sharding import constrain
 class DecoderLayer(hk.Module):
     """h += rms_norm_1(attn(rms_norm(h))); h += rms_norm_3(moe(rms_norm_2(h)))."""
 
-    def __init__(self, config: ModelConfig, name: str):
+    def __init__(self, config: ModelConfig, name: str, moe_dispatch: str = "sparse"):
         super().__init__(name=name)
         self.config = config
+        self.moe_dispatch = moe_dispatch
 
     def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
         attn = MultiHeadAttention(self.config)(RMSNorm(name="rms_norm")(h), mask, positions)
@@ -26,7 +27,7 @@ class DecoderLayer(hk.Module):
         x = RMSNorm(name="rms_norm_2")(h)
         router_logits, probs = Router(self.config)(x)
         probe("router_logits", router_logits)
-        moe_out = MoELayer(self.config)(x, probs)
+        moe_out = MoELayer(self.config, self.moe_dispatch)(x, probs)
         h = h + RMSNorm(name="rms_norm_3")(moe_out)
         probe("residual", h)
         return h
@@ -35,12 +36,13 @@ class DecoderLayer(hk.Module):
 class Transformer(hk.Module):
     """The decoder stack `transformer/decoder_layer_{i}`."""
 
-    def __init__(self, config: ModelConfig, name: str = "transformer"):
+    def __init__(self, config: ModelConfig, name: str = "transformer", moe_dispatch: str = "sparse"):
         super().__init__(name=name)
         self.config = config
+        self.moe_dispatch = moe_dispatch
 
     def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
         for i in range(self.config.num_layers):
             h = constrain(h, "data", None, None)  # [B, T, D]: batch split, width replicated
-            h = DecoderLayer(self.config, name=f"decoder_layer_{i}")(h, mask, positions)
+            h = DecoderLayer(self.config, name=f"decoder_layer_{i}", moe_dispatch=self.moe_dispatch)(h, mask, positions)
         return constrain(h, "data", None, None)

@@ -70,7 +70,7 @@ class LanguageModel(hk.Module):
 
 
 def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | None = None,
-               compute_dtype: str = "float32") -> jax.Array:
+               compute_dtype: str = "float32", moe_dispatch: str = "sparse") -> jax.Array:
     """The haiku function to transform: tokens [B, T] int -> logits [B, T, V] float32.
 
     `transformer` is built outside `language_model`, so its parameters live at
@@ -84,10 +84,14 @@ def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | No
         release's source reads op by op: half the activation memory, slightly further
         from the release's outputs.
     Routers, norms, attention logits and softmaxes run in float32 either way.
+
+    `moe_dispatch` is how the experts are computed (`grokscope.model.moe`): "sparse" (each
+    token through its k experts only; the default) or "dense" (the reference formulation);
+    the outputs agree to rounding and the expert choices are identical.
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    transformer = Transformer(config)
+    transformer = Transformer(config, moe_dispatch=moe_dispatch)
     return LanguageModel(config, compute_dtype)(tokens, positions, transformer)
