@@ -132,7 +132,8 @@ def main() -> None:
     # The writer alone against numpy.save of the same bytes on the same disk, in the same
     # pieces. During a dump the writer shares the CPU with the forward; here the batches of
     # the topk run are computed first, then written with nothing else running.
-    from grokscope.store import StoreWriter, row_blocks, create, layout
+    from grokscope.store import layout
+    from store import compare_writer, format_comparison  # benchmarks/store.py
 
     spec = specs["routing+attention topk"]
     recorded = []
@@ -144,45 +145,7 @@ def main() -> None:
         recorded.append((row0, len(batch), {"tokens": tokens, "length": lengths,
                                             **{k: np.asarray(v) for k, v in outputs.items()}}))
     variables, coords = layout(model.config, spec, len(ids), args.max_len, B, {}, None)
-
-    def write_store(trial: int) -> tuple[float, float, int]:
-        group = create(work / f"writer-{trial}.zarr", variables, coords, {"grokscope": {"kind": "benchmark"}})
-        os.sync()
-        writer = StoreWriter(group)
-        t0 = time.perf_counter()
-        for row0, n, values in recorded:
-            writer.put(row0, n, values)
-        writer.close()
-        seconds = time.perf_counter() - t0
-        os.sync()
-        return seconds, time.perf_counter() - t0, writer.bytes_written
-
-    arrays = {k: v for k, v in create(work / "shape.zarr", variables, coords, {}).arrays()}
-    blocks = [(f"{name}-{row0}-{i}", block) for row0, n, values in recorded for name, value in values.items()
-              for i, (_, block) in enumerate(row_blocks(arrays[name], value, row0, n, values["length"], name))]
-    np_bytes = sum(b.nbytes for _, b in blocks)
-
-    def write_npy(trial: int) -> tuple[float, float, int]:
-        npy_dir = work / f"npy-{trial}"
-        npy_dir.mkdir()
-        os.sync()
-        t0 = time.perf_counter()
-        for key, block in blocks:
-            np.save(npy_dir / f"{key}.npy", block)
-        seconds = time.perf_counter() - t0
-        os.sync()
-        return seconds, time.perf_counter() - t0, np_bytes
-
-    # alternating trials, medians: page-cache speed swings from run to run
-    trials = {"writer": [], "npy": []}
-    for trial in range(args.write_trials):
-        trials["writer"].append(write_store(trial))
-        trials["npy"].append(write_npy(trial))
-    writer_seconds, writer_durable_seconds = (float(np.median([t[i] for t in trials["writer"]])) for i in (0, 1))
-    np_seconds, np_durable_seconds = (float(np.median([t[i] for t in trials["npy"]])) for i in (0, 1))
-    writer_bytes = trials["writer"][0][2]
-    on_disk = {"store": sum(f.stat().st_size for f in (work / "writer-0.zarr").rglob("*") if f.is_file()),
-               "npy": sum(f.stat().st_size for f in (work / "npy-0").iterdir())}
+    comparison = compare_writer(variables, coords, recorded, work, args.write_trials)
     in_dump = summaries["routing+attention topk"][0]
 
     device = jax.devices()[0]
@@ -193,16 +156,7 @@ def main() -> None:
     print(f"{'run':<34} {'seconds':>8} {'tokens/s':>10} {'vs forward':>11}")
     for name, seconds in results.items():
         print(f"{name:<34} {seconds:>8.2f} {n_tokens / seconds:>10.0f} {base / seconds:>10.0%}")
-    writer_mbs = writer_bytes / 1e6 / writer_seconds
-    np_mbs = np_bytes / 1e6 / np_seconds
-    print(f"writer alone: {writer_bytes / 1e6:.1f} MB in {writer_seconds:.2f} s = {writer_mbs:.0f} MB/s; "
-          f"numpy.save of the same blocks ({np_bytes / 1e6:.1f} MB, {len(blocks)} files): {np_mbs:.0f} MB/s; "
-          f"ratio {writer_mbs / np_mbs:.2f}  (into the page cache; medians of {args.write_trials})")
-    writer_durable, np_durable = (writer_bytes / 1e6 / writer_durable_seconds,
-                                  np_bytes / 1e6 / np_durable_seconds)
-    print(f"the same, timed until os.sync() returns (on disk: store {on_disk['store'] / 1e6:.1f} MB, "
-          f".npy {on_disk['npy'] / 1e6:.1f} MB): writer {writer_durable:.0f} MB/s, numpy.save {np_durable:.0f} MB/s; "
-          f"ratio {writer_durable / np_durable:.2f}")
+    print(format_comparison(comparison))
     print(f"(during the dump, sharing the CPU with the forward: {in_dump.bytes_written / 1e6:.1f} MB in "
           f"{in_dump.writer_seconds:.2f} s of writing = {in_dump.bytes_written / 1e6 / in_dump.writer_seconds:.0f} MB/s)")
     import shutil

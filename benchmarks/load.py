@@ -1,8 +1,9 @@
-"""Peak host memory while loading a multi-GB checkpoint: grokscope vs read-everything-first.
+"""Checkpoint loading: throughput and peak host memory, grokscope vs read-everything-first.
 
 Writes a synthetic checkpoint in the release's layout (int8 expert and attention weights
 with bf16 scales, f32 embeddings/norms/routers) of about --size-gb, then loads it in a
-fresh process two ways and reports each process's peak RSS (ru_maxrss):
+fresh process two ways and reports each process's load throughput (GB/s) and peak RSS
+(ru_maxrss), against the bound checkpoint size + 2 x the largest tensor:
 
   streamed: grokscope.load_params (tensor by tensor, validated, placed as read)
   naive:    read every tensor into host memory first, then device_put the whole tree
@@ -10,7 +11,7 @@ fresh process two ways and reports each process's peak RSS (ru_maxrss):
 On a CPU backend the loaded parameters live in host memory, so the floor is about
 1x the checkpoint; on an accelerator the parameters leave host memory as they are placed.
 
-    python benchmarks/load_checkpoint.py --size-gb 3 [--device gpu] [--dir /tmp/bench-ckpt]
+    python benchmarks/load.py --size-gb 3 [--device gpu] [--dir /tmp/bench-ckpt]
 """
 
 from __future__ import annotations
@@ -118,10 +119,15 @@ def main() -> None:
     gb = 1e9
     print(f"checkpoint: {size / gb:.2f} GB in {config.num_layers + 2} layers' worth of files "
           f"({len(list((directory / 'ckpt-0').iterdir()))} tensors), platform {results['streamed']['platform']}")
-    print(f"{'mode':<10} {'peak RSS GB':>12} {'above baseline GB':>18} {'peak/ckpt':>10} {'seconds':>8}")
+    largest = max(f.stat().st_size for f in (directory / "ckpt-0").iterdir())
+    bound = size + 2 * largest
+    print(f"bound: checkpoint + 2 x largest tensor ({largest / gb:.2f} GB) = {bound / gb:.2f} GB")
+    print(f"{'mode':<10} {'peak RSS GB':>12} {'above baseline GB':>18} {'peak/ckpt':>10} {'peak/bound':>11} "
+          f"{'seconds':>8} {'GB/s':>6}")
     for mode, r in results.items():
         above = r["peak_rss"] - r["baseline_rss"]
-        print(f"{mode:<10} {r['peak_rss'] / gb:>12.2f} {above / gb:>18.2f} {r['peak_rss'] / size:>10.2f} {r['seconds']:>8.1f}")
+        print(f"{mode:<10} {r['peak_rss'] / gb:>12.2f} {above / gb:>18.2f} {r['peak_rss'] / size:>10.2f} "
+              f"{r['peak_rss'] / bound:>11.2f} {r['seconds']:>8.1f} {size / gb / r['seconds']:>6.2f}")
     s, n = results["streamed"], results["naive"]
     print(f"ratio streamed/naive peak RSS above baseline: "
           f"{(s['peak_rss'] - s['baseline_rss']) / (n['peak_rss'] - n['baseline_rss']):.2f}")
