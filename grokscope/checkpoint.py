@@ -195,7 +195,7 @@ class _ByteBudget:
 
 
 def load_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, mesh: Mesh | None = None,
-                max_workers: int = 8, max_inflight_bytes: int = 2 * 1024**3, shard: int = 0) -> dict:
+                max_workers: int = 8, max_inflight_bytes: int | None = None, shard: int = 0) -> dict:
     """Loads `checkpoint_dir/ckpt-0` into a haiku params dict, validated, placed on `mesh`.
 
     Args:
@@ -204,7 +204,9 @@ def load_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, mesh: Me
       mesh: place each tensor on this mesh by the release's partition rules; default one device.
       max_workers: tensors read and placed concurrently.
       max_inflight_bytes: host memory that tensors being read may take at once (a tensor
-        is counted twice: as read and as an array); one larger tensor still goes alone.
+        is counted twice: as read and as placed); one larger tensor still goes alone.
+        Default: twice the largest tensor file, so that host memory peaks below what the
+        placed parameters take + 2 x the largest tensor.
       shard: the host index in the file names.
 
     Raises:
@@ -215,6 +217,8 @@ def load_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, mesh: Me
     check_file_set(checkpoint_dir, len(shapes), shard)
     device = None if mesh is not None else jax.devices()[0]
 
+    if max_inflight_bytes is None:
+        max_inflight_bytes = 2 * max(tensor_path(checkpoint_dir, i, shard).stat().st_size for i in range(len(shapes)))
     budget = _ByteBudget(max_inflight_bytes)
 
     def load_one(index_path):

@@ -1,5 +1,6 @@
 """The views' data: every figure checked against the stored arrays, computed here by plain loops."""
 
+import html
 import json
 import re
 from types import SimpleNamespace
@@ -136,6 +137,8 @@ def test_coactivation_and_top_tokens_match_counts(store):
         best = max(token_counts[e].values())
         first_cell = table.cells.values[e][0]
         assert first_cell.endswith(f"({best})"), (e, first_cell, best)
+    page = figures.top_tokens_html(store, 2, n=3)
+    assert page.count("<tr>") == 4 and all(html.escape(c) in page for col in table.cells.values for c in col)
 
 
 @pytest.mark.parametrize("fmt", ["full", "head_mean", "topk"])
@@ -225,4 +228,4 @@ def test_static_copies_embed_plotlyjs_once(store):
     assert "application/vnd.jupyter.widget-view+json" in first
     marker = "window.PlotlyConfig"
     assert first["text/html"].count(marker) == 1 and second["text/html"].count(marker) == 0
-    assert second["text/html"].count('class="plotly-graph-div"') == 6
+    assert second["text/html"].count('class="plotly-graph-div"') == 5  # + the top-tokens HTML table

@@ -61,7 +61,7 @@ class ExpertDashboard(View):
         self.entropy = go.FigureWidget()
         self.layer = W.Dropdown(options=layers, value=layers[0], description="layer", layout=W.Layout(width="200px"))
         self.coactivation = go.FigureWidget()
-        self.top_tokens = go.FigureWidget()
+        self.top_tokens = W.HTML()
         self.layer_a = W.Dropdown(options=layers, value=layers[0], description="from layer",
                                   layout=W.Layout(width="200px"))
         self.layer_b = W.Dropdown(options=layers, value=layers[min(1, len(layers) - 1)], description="to layer",
@@ -85,7 +85,7 @@ class ExpertDashboard(View):
             W.HBox([self.coactivation, self.groups]), self.top_tokens,
             W.HBox([self.layer_a, self.layer_b, self.by]), self.sankey])
         for w in (self.load, self.entropy, self.coactivation, self.groups):
-            w.layout.width = 560
+            w.layout.width = 520
         guarded(self.status, self._draw_all)
 
     def _draw_all(self):
@@ -104,7 +104,7 @@ class ExpertDashboard(View):
 
     def _draw_layer(self):
         refresh(self.coactivation, figures.coactivation_figure(self.dataset, self.layer.value))
-        refresh(self.top_tokens, figures.top_tokens_figure(self.dataset, self.layer.value))
+        self.top_tokens.value = figures.top_tokens_html(self.dataset, self.layer.value)
         refresh(self.groups, self._group_figure())
 
     def _draw_flow(self):
@@ -123,5 +123,5 @@ class ExpertDashboard(View):
         return [f"<div style='font-family:sans-serif'>{html.escape(self.status.value)}</div>",
                 figures.load_figure(self.dataset), figures.entropy_figure(self.dataset),
                 figures.coactivation_figure(self.dataset, self.layer.value),
-                figures.top_tokens_figure(self.dataset, self.layer.value), self._group_figure(),
+                figures.top_tokens_html(self.dataset, self.layer.value), self._group_figure(),
                 figures.sankey_figure(self.dataset, self.layer_a.value, self.layer_b.value)]

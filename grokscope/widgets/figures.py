@@ -19,14 +19,14 @@ from grokscope.widgets.data import SequenceRouting
 
 __all__ = ["expert_colours", "routing_heatmap", "token_html", "token_probs_figure", "attention_heatmap",
            "query_figure", "load_figure", "entropy_figure", "coactivation_figure", "sankey_figure",
-           "top_tokens_figure", "group_figure", "FONT"]
+           "top_tokens", "top_tokens_html", "top_tokens_figure", "group_figure", "FONT"]
 
 # Tableau 10's first eight: distinct in hue and lightness, legible behind dark text.
 _EIGHT = ["#4C78A8", "#F58518", "#E45756", "#72B7B2", "#54A24B", "#EECA3B", "#B279A2", "#FF9DA6"]
 _MORE = ["#9D755D", "#BAB0AC", "#1F77B4", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#17BECF",
          "#BCBD22", "#7F7F7F", "#AEC7E8", "#FFBB78", "#98DF8A", "#FF9896", "#C5B0D5", "#C49C94"]
 FONT = dict(family="DejaVu Sans, Arial, sans-serif", size=12)
-_MARGIN = dict(l=60, r=20, t=50, b=50)
+_MARGIN = dict(l=60, r=20, t=70, b=50)
 
 
 def expert_colours(num_experts: int) -> list[str]:
@@ -57,6 +57,11 @@ def _discrete_colourscale(colours: Sequence[str]) -> list:
     for i, c in enumerate(colours):
         scale += [[i / n, c], [(i + 1) / n, c]]
     return scale
+
+
+def _title(main: str, detail: str = "") -> str:
+    """A title, with a smaller second line for the details (short lines: figures sit side by side)."""
+    return f"{main}<br><sup>{detail}</sup>" if detail else main
 
 
 def _layout(fig: go.Figure, title: str, height: int, **kwargs) -> go.Figure:
@@ -95,7 +100,8 @@ def routing_heatmap(r: SequenceRouting, layer: int | None = None, position: int 
         z=r.top1.astype(float), x=np.arange(T), y=[str(x) for x in r.layers], customdata=custom,
         colorscale=_discrete_colourscale(colours), zmin=-0.5, zmax=E - 0.5, xgap=1, ygap=1,
         colorbar=dict(title=dict(text="expert"), tickvals=list(range(E)), ticktext=[str(e) for e in range(E)],
-                      len=1.0, thickness=14),
+                      thickness=14, len=max(160, 18 * E), lenmode="pixels", y=1.0, yanchor="top",
+                      tickfont=dict(size=11)),
         hovertemplate="token %{customdata[0]} (position %{customdata[1]})<br>layer %{y}<br>" + choices
                       + "<extra></extra>", name="first-choice expert"))
     shapes = []
@@ -107,7 +113,8 @@ def routing_heatmap(r: SequenceRouting, layer: int | None = None, position: int 
         shapes.append(dict(type="rect", xref="x", yref="y", x0=position - 0.5, x1=position + 0.5, y0=-0.5,
                            y1=L - 0.5, line=dict(color="#222", width=2, dash="dot")))
     title = "first-choice expert per token and layer" + (f" (framed: layer {layer})" if layer is not None else "")
-    _layout(fig, title, height=max(220, 60 + 28 * L + 60), shapes=shapes,
+    row = 28 if L <= 16 else 12
+    _layout(fig, title, height=max(120 + 18 * E, 150 + row * L), shapes=shapes,
             xaxis=dict(title="token", **_token_axis(r.pieces)), yaxis=dict(title="layer", type="category"))
     return fig
 
@@ -205,7 +212,8 @@ def load_figure(ds: xr.Dataset) -> go.Figure:
     fig = go.Figure([go.Bar(x=layers, y=load.sel(expert=e).values, name=f"expert {e}", marker_color=colours[i],
                             hovertemplate=f"expert {e}<br>layer %{{x}}<br>load %{{y:.3f}}<extra></extra>")
                      for i, e in enumerate(load["expert"].values)])
-    _layout(fig, f"expert load per layer (share of top-{ds.sizes['slot']} assignments; uniform = {1 / E:.3f} each)",
+    _layout(fig, _title("expert load per layer", f"share of top-{ds.sizes['slot']} assignments; uniform "
+                                                  f"1/{E} = {1 / E:.3f}"),
             height=360, barmode="stack", xaxis=dict(title="layer", type="category"),
             yaxis=dict(title="share", range=[0, 1]))
     return fig
@@ -220,7 +228,7 @@ def entropy_figure(ds: xr.Dataset) -> go.Figure:
                                hovertemplate="layer %{x}<br>entropy %{y:.3f}<extra></extra>"))
     fig.add_hline(y=1.0, line=dict(color="#888", dash="dash"), annotation_text="uniform routing",
                   annotation_position="bottom right")
-    _layout(fig, "router entropy per layer (normalised: H / ln E)", height=320,
+    _layout(fig, _title("router entropy per layer", "mean over tokens of H / ln E; 1 = uniform"), height=360,
             xaxis=dict(title="layer", type="category"), yaxis=dict(title="entropy", range=[0, 1.05]))
     return fig
 
@@ -234,7 +242,7 @@ def coactivation_figure(ds: xr.Dataset, layer: int) -> go.Figure:
         zmin=0, colorbar=dict(title=dict(text="N(i,j)/N(i)"), thickness=14),
         hovertemplate="expert %{y} with expert %{x}<br>%{z:.3f} of expert %{y}'s tokens "
                       "(%{customdata} tokens)<extra></extra>"))
-    _layout(fig, f"co-activation at layer {layer}: share of expert i's tokens that also take j", height=380,
+    _layout(fig, _title(f"co-activation at layer {layer}", "share of expert i's tokens that also take j"), height=380,
             xaxis=dict(title="expert j", type="category"), yaxis=dict(title="expert i", type="category",
                                                                       autorange="reversed"))
     return fig
@@ -267,8 +275,10 @@ def sankey_figure(ds: xr.Dataset, layer_a: int, layer_b: int) -> go.Figure:
     return fig
 
 
-def top_tokens_figure(ds: xr.Dataset, layer: int, n: int = 8, pieces: Sequence[str] | None = None) -> go.Figure:
-    """A table of the tokens each expert most often takes as first choice at one layer."""
+def top_tokens(ds: xr.Dataset, layer: int, n: int = 8, pieces: Sequence[str] | None = None
+               ) -> tuple[list[str], list[list[str]]]:
+    """(header per expert, column of "piece (count)" per expert): the tokens each expert most
+    often takes as first choice at one layer, from `analysis.top_tokens_per_expert`."""
     top = analysis.top_tokens_per_expert(ds, n=n).sel(layer=layer)
     if pieces is None and "vocab_piece" in ds:
         pieces = [str(p) for p in ds["vocab_piece"].values]
@@ -280,16 +290,36 @@ def top_tokens_figure(ds: xr.Dataset, layer: int, n: int = 8, pieces: Sequence[s
         text = display_piece(pieces[token]) if pieces is not None else str(token)
         return f"{text} ({count})"
 
-    E = ds.sizes["expert"]
-    colours = expert_colours(E)
     columns = [[label(int(t), int(c)) for t, c in zip(top["token"].values[e], top["count"].values[e])]
-               for e in range(E)]
+               for e in range(ds.sizes["expert"])]
+    return [f"expert {e}" for e in top["expert"].values], columns
+
+
+def top_tokens_html(ds: xr.Dataset, layer: int, n: int = 8) -> str:
+    """`top_tokens` as an HTML table (what the live dashboard shows)."""
+    headers, columns = top_tokens(ds, layer, n)
+    colours = expert_colours(len(headers))
+    head = "".join(f'<th style="background:{c};padding:3px 8px;text-align:left">{html.escape(h)}</th>'
+                   for h, c in zip(headers, colours))
+    rows = "".join("<tr>" + "".join(f'<td style="padding:2px 8px;border-bottom:1px solid #eee">'
+                                    f'{html.escape(col[r])}</td>' for col in columns) + "</tr>"
+                   for r in range(n))
+    return (f'<div style="font-family:DejaVu Sans, sans-serif;font-size:12px">'
+            f'<div style="font-size:15px;margin:6px 0">tokens most often sent to each expert at layer {layer} '
+            f'<span style="font-size:11px;color:#555">(first choice; count)</span></div>'
+            f'<table style="border-collapse:collapse"><tr>{head}</tr>{rows}</table></div>')
+
+
+def top_tokens_figure(ds: xr.Dataset, layer: int, n: int = 8) -> go.Figure:
+    """`top_tokens` as a plotly table (what the report embeds)."""
+    headers, columns = top_tokens(ds, layer, n)
+    colours = expert_colours(len(headers))
     fig = go.Figure(go.Table(
-        header=dict(values=[f"expert {e}" for e in top["expert"].values], fill_color=colours,
+        header=dict(values=headers, fill_color=colours,
                     font=dict(color="#111", size=12), align="left"),
         cells=dict(values=columns, align="left", font=dict(size=11), height=22)))
-    _layout(fig, f"tokens most often sent to each expert at layer {layer} (first choice; count)",
-            height=120 + 24 * n)
+    _layout(fig, _title(f"tokens most often sent to each expert at layer {layer}", "first choice; count"),
+            height=130 + 24 * n)
     return fig
 
 
@@ -304,8 +334,9 @@ def group_figure(ds: xr.Dataset, by: str, layer: int) -> go.Figure:
                             marker_color=palette[i % len(palette)],
                             hovertemplate=f"{g}<br>expert %{{x}}<br>share %{{y:.3f}}<extra></extra>")
                      for i, g in enumerate(load["group"].values)])
-    fig.add_hline(y=1 / E, line=dict(color="#888", dash="dash"), annotation_text="uniform 1/E",
-                  annotation_position="top right")
-    _layout(fig, f"expert load at layer {layer} by {by}", height=340, barmode="group",
-            xaxis=dict(title="expert", type="category"), yaxis=dict(title="share of assignments"))
+    fig.add_hline(y=1 / E, line=dict(color="#888", dash="dash"))
+    _layout(fig, _title(f"expert load at layer {layer} by {by}", f"share of each group's assignments; dashed: "
+                                                                  f"uniform 1/{E}"),
+            height=380, barmode="group", xaxis=dict(title="expert", type="category"),
+            yaxis=dict(title="share"), legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
     return fig
