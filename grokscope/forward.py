@@ -50,10 +50,10 @@ def release_scale_blocks(path: str, shape: tuple[int, ...]) -> int:
 
 
 def _transformed(config: ModelConfig, spec: RecordSpec, compute_dtype: str = "float32",
-                 moe_dispatch: str = "sparse"):
+                 moe_dispatch: str = "sparse", interventions: tuple = ()):
     def fn(tokens, positions):
         with hk.custom_setter(record_filter(spec, config)):
-            return forward_fn(config, tokens, positions, compute_dtype, moe_dispatch)
+            return forward_fn(config, tokens, positions, compute_dtype, moe_dispatch, interventions)
 
     return hk.transform_with_state(fn)
 
@@ -88,12 +88,15 @@ def init_params(config: ModelConfig, seed: int = 0, quantized: bool = True) -> d
 
 
 def make_forward(config: ModelConfig, spec: RecordSpec = RecordSpec(),
-                 compute_dtype: str = "float32", moe_dispatch: str = "sparse") -> Callable:
+                 compute_dtype: str = "float32", moe_dispatch: str = "sparse",
+                 interventions: tuple = ()) -> Callable:
     """A pure `(params, tokens [B, T], positions [B, T]) -> (logits [B, T, V] f32, record)`.
 
-    See `grokscope.model.lm.forward_fn` for `compute_dtype` and `moe_dispatch`.
+    See `grokscope.model.lm.forward_fn` for `compute_dtype`, `moe_dispatch` and `interventions`.
     """
-    f = _transformed(config, spec, compute_dtype, moe_dispatch)
+    for iv in interventions:
+        iv.check(config)
+    f = _transformed(config, spec, compute_dtype, moe_dispatch, tuple(interventions))
 
     def apply(params, tokens, positions):
         logits, state = f.apply(params, {}, None, tokens, positions)
@@ -103,9 +106,11 @@ def make_forward(config: ModelConfig, spec: RecordSpec = RecordSpec(),
 
 
 @functools.lru_cache(maxsize=32)
-def jitted_forward(config: ModelConfig, spec: RecordSpec, compute_dtype: str, moe_dispatch: str = "sparse"):
-    """`make_forward` jitted once per (config, spec, compute_dtype, moe_dispatch), shared by every caller."""
-    return jax.jit(make_forward(config, spec, compute_dtype, moe_dispatch))
+def jitted_forward(config: ModelConfig, spec: RecordSpec, compute_dtype: str, moe_dispatch: str = "sparse",
+                   interventions: tuple = ()):
+    """`make_forward` jitted once per (config, spec, compute_dtype, moe_dispatch, interventions),
+    shared by every caller."""
+    return jax.jit(make_forward(config, spec, compute_dtype, moe_dispatch, interventions))
 
 
 class ForwardOutput(NamedTuple):
@@ -117,13 +122,15 @@ class ForwardOutput(NamedTuple):
 
 def forward(params: dict, config: ModelConfig, tokens, record: RecordSpec = RecordSpec(),
             mesh: Mesh | None = None, positions=None, compute_dtype: str = "float32",
-            moe_dispatch: str = "sparse") -> ForwardOutput:
+            moe_dispatch: str = "sparse", interventions=()) -> ForwardOutput:
     """Runs the model on `tokens` (int [batch, seq]) and returns logits and records.
 
     Any batch size works. `positions` (int [batch, seq]) defaults to 0..seq-1 per row.
     `compute_dtype` is "float32" (the release's outputs) or "bfloat16" (see
     `grokscope.model.lm.forward_fn`). `moe_dispatch` is "sparse" (default) or "dense", the
-    reference formulation (see `grokscope.model.moe`).
+    reference formulation (see `grokscope.model.moe`). `interventions`: a sequence of
+    `grokscope.interventions.Intervention` (ban, zero, force, swap, renormalise, ablate_head)
+    applied inside the forward; logits and records are those of the intervened model.
 
     With a `mesh`, parameters are placed by the release's rules (no copy if `load_params`
     already placed them there) and the batch is split over `data` when it divides.
@@ -138,7 +145,7 @@ def forward(params: dict, config: ModelConfig, tokens, record: RecordSpec = Reco
     if positions is None:
         positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
     positions = np.asarray(positions, dtype=np.int32)
-    fn = jitted_forward(config, record, compute_dtype, moe_dispatch)
+    fn = jitted_forward(config, record, compute_dtype, moe_dispatch, tuple(interventions))
     if mesh is None:
         return ForwardOutput(*fn(params, tokens, positions))
     params = shard_params(params, mesh)

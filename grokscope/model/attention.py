@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from grokscope.config import ModelConfig
+from grokscope.interventions import ablate_heads
 from grokscope.model.linear import HIGHEST, Linear
 from grokscope.model.rope import apply_rope
 from grokscope.record import probe
@@ -28,9 +29,10 @@ class MultiHeadAttention(hk.Module):
     Query head j reads kv head j // (H / G).
     """
 
-    def __init__(self, config: ModelConfig, name: str = "multi_head_attention"):
+    def __init__(self, config: ModelConfig, interventions: tuple = (), name: str = "multi_head_attention"):
         super().__init__(name=name)
         self.config = config
+        self.interventions = interventions
 
     def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
         """x: [B, T, D]; mask: [B, T, S] bool (True = may attend); positions: [B, T]."""
@@ -50,5 +52,8 @@ class MultiHeadAttention(hk.Module):
         weights = jax.nn.softmax(logits, axis=-1)  # [B, G, R, T, S] float32
         probe("attn_weights", weights.reshape(B, H, T, -1))  # head j = g * R + r
         weights = weights.astype(x.dtype)
-        out = jnp.einsum("bgrts,bsgk->btgrk", weights, v, precision=HIGHEST).reshape(B, T, H * K)
+        out = jnp.einsum("bgrts,bsgk->btgrk", weights, v, precision=HIGHEST).reshape(B, T, H, K)
+        if any(iv.kind == "ablate_head" for iv in self.interventions):
+            out = ablate_heads(out, positions, self.interventions)
+        out = out.reshape(B, T, H * K)
         return Linear(c.emb_size, name="linear")(out)

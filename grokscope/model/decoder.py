@@ -6,6 +6,7 @@ import haiku as hk
 import jax
 
 from grokscope.config import ModelConfig
+from grokscope.interventions import for_layer
 from grokscope.model.attention import MultiHeadAttention
 from grokscope.model.moe import MoELayer, Router
 from grokscope.model.norm import RMSNorm
@@ -16,18 +17,19 @@ from grokscope.sharding import constrain
 class DecoderLayer(hk.Module):
     """h += rms_norm_1(attn(rms_norm(h))); h += rms_norm_3(moe(rms_norm_2(h)))."""
 
-    def __init__(self, config: ModelConfig, name: str, moe_dispatch: str = "sparse"):
+    def __init__(self, config: ModelConfig, name: str, moe_dispatch: str = "sparse", interventions: tuple = ()):
         super().__init__(name=name)
         self.config = config
         self.moe_dispatch = moe_dispatch
+        self.interventions = interventions
 
     def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
-        attn = MultiHeadAttention(self.config)(RMSNorm(name="rms_norm")(h), mask, positions)
+        attn = MultiHeadAttention(self.config, self.interventions)(RMSNorm(name="rms_norm")(h), mask, positions)
         h = h + RMSNorm(name="rms_norm_1")(attn)
         x = RMSNorm(name="rms_norm_2")(h)
         router_logits, probs = Router(self.config)(x)
         probe("router_logits", router_logits)
-        moe_out = MoELayer(self.config, self.moe_dispatch)(x, probs)
+        moe_out = MoELayer(self.config, self.moe_dispatch, self.interventions)(x, probs, positions)
         h = h + RMSNorm(name="rms_norm_3")(moe_out)
         probe("residual", h)
         return h
@@ -36,13 +38,16 @@ class DecoderLayer(hk.Module):
 class Transformer(hk.Module):
     """The decoder stack `transformer/decoder_layer_{i}`."""
 
-    def __init__(self, config: ModelConfig, name: str = "transformer", moe_dispatch: str = "sparse"):
+    def __init__(self, config: ModelConfig, name: str = "transformer", moe_dispatch: str = "sparse",
+                 interventions: tuple = ()):
         super().__init__(name=name)
         self.config = config
         self.moe_dispatch = moe_dispatch
+        self.interventions = interventions
 
     def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
         for i in range(self.config.num_layers):
             h = constrain(h, "data", None, None)  # [B, T, D]: batch split, width replicated
-            h = DecoderLayer(self.config, name=f"decoder_layer_{i}", moe_dispatch=self.moe_dispatch)(h, mask, positions)
+            h = DecoderLayer(self.config, name=f"decoder_layer_{i}", moe_dispatch=self.moe_dispatch,
+                             interventions=for_layer(self.interventions, i))(h, mask, positions)
         return constrain(h, "data", None, None)

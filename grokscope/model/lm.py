@@ -70,7 +70,7 @@ class LanguageModel(hk.Module):
 
 
 def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | None = None,
-               compute_dtype: str = "float32", moe_dispatch: str = "sparse") -> jax.Array:
+               compute_dtype: str = "float32", moe_dispatch: str = "sparse", interventions: tuple = ()) -> jax.Array:
     """The haiku function to transform: tokens [B, T] int -> logits [B, T, V] float32.
 
     `transformer` is built outside `language_model`, so its parameters live at
@@ -88,10 +88,12 @@ def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | No
     `moe_dispatch` is how the experts are computed (`grokscope.model.moe`): "sparse" (each
     token through its k experts only; the default) or "dense" (the reference formulation);
     the outputs agree to rounding and the expert choices are identical.
+
+    `interventions`: `grokscope.interventions.Intervention`s applied inside the forward.
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    transformer = Transformer(config, moe_dispatch=moe_dispatch)
+    transformer = Transformer(config, moe_dispatch=moe_dispatch, interventions=tuple(interventions))
     return LanguageModel(config, compute_dtype)(tokens, positions, transformer)

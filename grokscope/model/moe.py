@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from grokscope.config import ModelConfig
+from grokscope.interventions import apply_routing
 from grokscope.model.linear import HIGHEST, fan_in_init
 from grokscope.quant import QuantizedWeight8bit, dequantize
 from grokscope.record import probe
@@ -150,16 +151,24 @@ def ragged_experts(xs, counts, w_gate, w_up, w_down):
 class MoELayer(hk.Module):
     """Top-k mixture of GeGLU experts; `dispatch` picks how it is computed (see the module)."""
 
-    def __init__(self, config: ModelConfig, dispatch: str = "sparse", name: str = "moe"):
+    def __init__(self, config: ModelConfig, dispatch: str = "sparse", interventions: tuple = (),
+                 name: str = "moe"):
         super().__init__(name=name)
         self.config = config
         self.dispatch = resolve_dispatch(dispatch)
+        self.interventions = tuple(iv for iv in interventions if iv.kind != "ablate_head")
 
-    def __call__(self, x: jax.Array, probs: jax.Array) -> jax.Array:
-        """x: [B, T, D] normalised input; probs: [B, T, E] router probabilities."""
+    def __call__(self, x: jax.Array, probs: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """x: [B, T, D] normalised input; probs: [B, T, E] router probabilities; positions
+        [B, T] (where interventions apply)."""
         c = self.config
         E, D, F = c.num_experts, c.emb_size, c.ffn_size
-        gates, index = route(probs, c.num_selected_experts)  # [B, T, k]
+        if self.interventions:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+            gates, index = apply_routing(probs, positions, c.num_selected_experts, self.interventions)
+        else:
+            gates, index = route(probs, c.num_selected_experts)  # [B, T, k]
         probe("expert_index", index)
         probe("expert_gate", gates)
         w_gate_q = _expert_weight("linear", [E, D, F])

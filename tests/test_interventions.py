@@ -1,0 +1,143 @@
+"""Routing and attention interventions inside the forward: each does what it says, and nothing else."""
+
+import numpy as np
+import pytest
+
+from grokscope import TINY, RecordSpec, forward, init_params
+from grokscope.interventions import ablate_head, ban, force, renormalise, swap, zero
+
+SPEC = RecordSpec(residual="all")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = init_params(TINY, seed=4)
+    tokens = np.random.default_rng(2).integers(3, TINY.vocab_size, (2, 24))
+    base = forward(params, TINY, tokens, record=SPEC)
+    return params, tokens, base
+
+
+def _run(setup, *interventions, dispatch="sparse"):
+    params, tokens, _ = setup
+    return forward(params, TINY, tokens, record=SPEC, interventions=list(interventions), moe_dispatch=dispatch)
+
+
+def _ranked(router_logits):
+    return np.argsort(-np.asarray(router_logits, np.float64), axis=-1, kind="stable")
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_ban_of_the_chosen_expert_gives_the_third_choice(setup, dispatch):
+    base = _run(setup, dispatch=dispatch)
+    layer = 1
+    index = np.asarray(base.record["expert_index"])[:, :, layer]  # [B, T, k]
+    ranked = _ranked(base.record["router_logits"][:, :, layer])  # [B, T, E]
+    expert = int(index[0, 5, 0])  # what token 5 chose first
+    out = _run(setup, ban(expert, layer=layer), dispatch=dispatch)
+    new = np.asarray(out.record["expert_index"])[:, :, layer]
+    probs = np.exp(np.asarray(base.record["router_logits"][:, :, layer], np.float64))
+    probs /= probs.sum(-1, keepdims=True)
+    for b in range(index.shape[0]):
+        for t in range(index.shape[1]):
+            if expert in index[b, t]:
+                others = [e for e in ranked[b, t] if e != expert][:2]
+                assert list(new[b, t]) == others, (b, t)
+                if index[b, t, 0] == expert:
+                    assert new[b, t, 1] == ranked[b, t, 2]  # the third choice
+            else:
+                assert list(new[b, t]) == list(index[b, t])
+            np.testing.assert_allclose(out.record["expert_gate"][b, t, layer], probs[b, t, new[b, t]], rtol=1e-5)
+    assert expert not in new
+    # layers before the intervention are untouched, bit for bit
+    for name in ("router_logits", "expert_index", "expert_gate", "residual"):
+        np.testing.assert_array_equal(np.asarray(out.record[name])[:, :, :layer],
+                                      np.asarray(base.record[name])[:, :, :layer])
+    assert not np.array_equal(out.logits, base.logits)
+
+
+def test_zero_of_an_unchosen_expert_changes_nothing(setup):
+    _, _, base = setup
+    index = np.asarray(base.record["expert_index"])  # [B, T, L, k]
+    layer, position = 0, 3
+    unchosen = [e for e in range(TINY.num_experts) if e not in index[:, position, layer]]
+    out = _run(setup, zero(unchosen[0], layer=layer, positions=[position]))
+    np.testing.assert_array_equal(out.logits, base.logits)
+    for name, value in base.record.items():
+        np.testing.assert_array_equal(out.record[name], value)
+
+
+def test_zero_of_a_chosen_expert_drops_its_gate_only(setup):
+    _, _, base = setup
+    index = np.asarray(base.record["expert_index"])
+    e = int(index[0, 0, 1, 0])
+    out = _run(setup, zero(e, layer=1, positions=[0]))
+    gate = np.asarray(out.record["expert_gate"])
+    was = np.asarray(base.record["expert_gate"])
+    for b in range(index.shape[0]):
+        chosen = index[b, 0, 1]
+        for slot in range(2):
+            expected = 0.0 if chosen[slot] == e else was[b, 0, 1, slot]
+            assert gate[b, 0, 1, slot] == expected
+    np.testing.assert_array_equal(out.record["expert_index"], index)  # routing itself unchanged
+    assert not np.array_equal(np.asarray(out.logits)[0, 0], np.asarray(base.logits)[0, 0])
+
+
+def test_force_to_the_original_choices_is_the_identity(setup):
+    params, tokens, _ = setup
+    row = tokens[1:2]  # one sequence: the forced experts are that sequence's own
+    base = forward(params, TINY, row, record=SPEC)
+    t, layer = 7, 1
+    original = [int(e) for e in np.asarray(base.record["expert_index"])[0, t, layer]]
+    out = forward(params, TINY, row, record=SPEC, interventions=[force(original, layer=layer, positions=[t])])
+    np.testing.assert_array_equal(out.logits, base.logits)
+    for name, value in base.record.items():
+        np.testing.assert_array_equal(out.record[name], value)
+
+
+def test_force_and_swap_route_where_told(setup):
+    _, _, base = setup
+    out = _run(setup, force([6, 1], layer=0, gates=[0.7, 0.3], positions=[2, 3]))
+    index = np.asarray(out.record["expert_index"])
+    gate = np.asarray(out.record["expert_gate"])
+    assert (index[:, [2, 3], 0] == [6, 1]).all() and np.allclose(gate[:, [2, 3], 0], [0.7, 0.3])
+    untouched = [t for t in range(index.shape[1]) if t not in (2, 3)]
+    np.testing.assert_array_equal(index[:, untouched, 0], np.asarray(base.record["expert_index"])[:, untouched, 0])
+    a, b = 0, 5
+    out = _run(setup, swap(a, b, layer=1))
+    before = np.asarray(base.record["expert_index"])[:, :, 1]
+    after = np.asarray(out.record["expert_index"])[:, :, 1]
+    np.testing.assert_array_equal(after, np.where(before == a, b, np.where(before == b, a, before)))
+    np.testing.assert_array_equal(out.record["expert_gate"][:, :, 1], base.record["expert_gate"][:, :, 1])
+
+
+def test_renormalise_and_head_ablation(setup):
+    _, _, base = setup
+    out = _run(setup, renormalise())
+    gate = np.asarray(out.record["expert_gate"])
+    np.testing.assert_allclose(gate.sum(-1), 1, rtol=1e-6)
+    np.testing.assert_allclose(gate[:, :, 0], np.asarray(base.record["expert_gate"])[:, :, 0]
+                               / np.asarray(base.record["expert_gate"])[:, :, 0].sum(-1, keepdims=True), rtol=1e-6)
+    out = _run(setup, ablate_head(2, layer=1))
+    np.testing.assert_array_equal(np.asarray(out.record["residual"])[:, :, 0], np.asarray(base.record["residual"])[:, :, 0])
+    assert not np.array_equal(np.asarray(out.record["router_logits"])[:, :, 1],
+                              np.asarray(base.record["router_logits"])[:, :, 1])
+    # ablating a head at some positions leaves earlier positions alone (causal)
+    out = _run(setup, ablate_head(0, positions=[20]))
+    np.testing.assert_array_equal(np.asarray(out.logits)[:, :20], np.asarray(base.logits)[:, :20])
+    assert not np.array_equal(np.asarray(out.logits)[:, 20], np.asarray(base.logits)[:, 20])
+
+
+def test_interventions_are_data_and_checked():
+    assert ban(3, layer=1) == ban(3, layer=[1]) and hash(ban(3, layer=1)) == hash(ban(3, layer=(1,)))
+    assert ban(3, layer=1) != zero(3, layer=1)
+    assert ban(2, layer=[1, 0]).describe() == "ban expert 2 (layers 0,1)"
+    params = init_params(TINY, seed=0)
+    tokens = np.ones((1, 4), int)
+    with pytest.raises(ValueError, match="expert 9 out of range"):
+        forward(params, TINY, tokens, interventions=[ban(9)])
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        forward(params, TINY, tokens, interventions=[zero(1, layer=5)])
+    with pytest.raises(ValueError, match="force needs 2 experts"):
+        forward(params, TINY, tokens, interventions=[force([1, 2, 3])])
+    with pytest.raises(ValueError, match="two different experts"):
+        swap(1, 1)
