@@ -113,6 +113,11 @@ class Session:
     def params(self) -> dict:
         return self._model.params
 
+    @property
+    def mesh(self):
+        """The device mesh the parameters are on (None: one device)."""
+        return self._model.mesh
+
     def run(self, prompts: str | Sequence[str], record: RecordSpec | None = None,
             metadata: dict[str, Sequence[Any]] | None = None):
         """Runs one prompt or a list of them; returns the store's Dataset, in memory.

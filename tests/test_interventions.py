@@ -141,3 +141,38 @@ def test_interventions_are_data_and_checked():
         forward(params, TINY, tokens, interventions=[force([1, 2, 3])])
     with pytest.raises(ValueError, match="two different experts"):
         swap(1, 1)
+
+
+def test_effects_per_position(tmp_path):
+    import xarray as xr
+
+    from grokscope import Session, effects, forward
+    from grokscope.interventions import ban as ban_
+
+    session = Session()
+    prompts = ["def add(a, b):\n    return a + b", "The sun rose over the quiet town."]
+    base = session.run(prompts)
+    layer = 2
+    first = np.asarray(base["expert_index"].values)[..., 0]  # [S, P, L]
+    expert = int(first[0, 1, layer])
+    ds = effects(session, prompts, [ban_(expert, layer=layer)], batch_size=2, metadata={"label": ["code", "prose"]},
+                 out=tmp_path / "effects.zarr")
+    lengths = ds["length"].values
+    for s, n in enumerate(lengths):
+        assert not ds["routing_changed"].values[s, :n, :layer].any()  # upstream layers untouched
+        assert ds["routing_changed"].values[s, :n, layer][first[s, :n, layer] == expert].all()
+        assert np.isfinite(ds["delta_loss"].values[s, :n - 1]).all() and np.isnan(ds["delta_loss"].values[s, n - 1:]).all()
+        assert (ds["kl"].values[s, :n - 1] >= -1e-9).all()
+    # delta_loss at one position, from two plain forwards
+    ids = session.tokenizer.encode(prompts[0])
+    a = np.asarray(forward(session.params, session.config, np.array([ids])).logits, np.float64)[0]
+    b = np.asarray(forward(session.params, session.config, np.array([ids]),
+                           interventions=[ban_(expert, layer=layer)]).logits, np.float64)[0]
+
+    def logp(x, t):
+        return x[t, ids[t + 1]] - np.log(np.exp(x[t] - x[t].max()).sum()) - x[t].max()
+
+    assert abs(ds["delta_loss"].values[0, 3] - (logp(a, 3) - logp(b, 3))) < 1e-4
+    back = xr.open_zarr(tmp_path / "effects.zarr", consolidated=False)
+    np.testing.assert_array_equal(back["routing_changed"].values, ds["routing_changed"].values)
+    assert list(back["label"].values) == ["code", "prose"]
