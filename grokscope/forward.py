@@ -23,7 +23,8 @@ from grokscope.quant import quantize
 from grokscope.record import RecordSpec, collect, record_filter
 from grokscope.sharding import batch_sharding, shard_params
 
-__all__ = ["ParamShape", "param_shapes", "is_quantizable", "release_scale_blocks", "init_params",
+__all__ = ["ParamShape", "param_shapes", "is_quantizable", "release_scale_blocks", "init_params", "init_cache",
+           "jitted_decoder",
            "make_forward", "jitted_forward", "forward", "ForwardOutput"]
 
 _QUANTIZABLE = re.compile(r"(multi_head_attention/(query|key|value|linear)|moe/(linear|linear_v|linear_1))/w$")
@@ -111,6 +112,36 @@ def jitted_forward(config: ModelConfig, spec: RecordSpec, compute_dtype: str, mo
     """`make_forward` jitted once per (config, spec, compute_dtype, moe_dispatch, interventions),
     shared by every caller."""
     return jax.jit(make_forward(config, spec, compute_dtype, moe_dispatch, interventions))
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, compute_dtype: str = "float32") -> dict:
+    """An empty key/value cache for `max_len` positions: keys/values [layers, batch, max_len,
+    kv heads, key size] in the compute dtype, `valid` [batch, max_len] and `length` (rows used)."""
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.key_size)
+    return {"keys": jnp.zeros(shape, compute_dtype), "values": jnp.zeros(shape, compute_dtype),
+            "valid": jnp.zeros((batch, max_len), bool), "length": jnp.zeros((), jnp.int32)}
+
+
+@functools.lru_cache(maxsize=32)
+def jitted_decoder(config: ModelConfig, spec: RecordSpec, compute_dtype: str = "float32",
+                   moe_dispatch: str = "sparse", interventions: tuple = ()):
+    """A jitted `(params, tokens [B, T], positions [B, T], cache) -> (logits, record, cache)`:
+    the forward of the next T tokens of sequences whose earlier keys and values are in `cache`
+    (from `init_cache`). Logits equal the full forward's at the same positions (to rounding)."""
+    for iv in interventions:
+        iv.check(config)
+
+    def fn(tokens, positions, cache):
+        with hk.custom_setter(record_filter(spec, config)):
+            return forward_fn(config, tokens, positions, compute_dtype, moe_dispatch, interventions, cache)
+
+    f = hk.transform_with_state(fn)
+
+    def apply(params, tokens, positions, cache):
+        (logits, cache), state = f.apply(params, {}, None, tokens, positions, cache)
+        return logits, collect(state), cache
+
+    return jax.jit(apply, donate_argnums=(3,))
 
 
 class ForwardOutput(NamedTuple):

@@ -7,6 +7,7 @@ config=...)` any checkpoint in the release's layout. `session.run(...)` returns 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -19,7 +20,7 @@ from grokscope.config import ModelConfig, load_config
 from grokscope.record import RecordSpec
 from grokscope.tokenizer import Tokenizer
 
-__all__ = ["Session", "LoadedModel", "load_model", "resolve_model", "default_model_dir", "bucket_length"]
+__all__ = ["Session", "Generation", "LoadedModel", "load_model", "resolve_model", "default_model_dir", "bucket_length"]
 
 BUNDLED = "grok-tiny"
 
@@ -128,7 +129,6 @@ class Session:
           metadata: optional per-prompt columns, e.g. {"label": ["code", "prose"]}.
         """
         from grokscope.dump import encode_prompts, run_batch
-        from grokscope.store import column_dtype, dataset_from_arrays, layout, mask_padding
 
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not texts:
@@ -137,15 +137,23 @@ class Session:
         ids = encode_prompts(self.tokenizer, texts, self.config.sequence_len, truncate=None,
                              lines=list(range(1, len(texts) + 1)), source="Session.run")
         max_len = max(1, max(len(i) for i in ids))
+        tokens, outputs = run_batch(self._model, record, ids, bucket_length(max_len, self.config.sequence_len),
+                                    self.compute_dtype)
+        return self._dataset(texts, ids, tokens, outputs, record, metadata)
+
+    def _dataset(self, texts, ids, tokens, outputs, record: RecordSpec, metadata=None, extra=None):
+        """The store's Dataset for these sequences: `tokens` [N, >= longest], `outputs` the
+        recorded arrays [N, ...] (cut to the longest sequence), `extra` {name: (Variable, values)}."""
+        from grokscope.store import column_dtype, dataset_from_arrays, layout, mask_padding
+
+        max_len = max(1, max(len(i) for i in ids))
         metadata = dict(metadata or {})
         meta_types = {k: column_dtype(v) for k, v in metadata.items()}
         variables, coords = layout(self.config, record, len(texts), max_len, len(texts), meta_types,
                                    self.tokenizer.vocab_size)
-        tokens, outputs = run_batch(self._model, record, ids, bucket_length(max_len, self.config.sequence_len),
-                                    self.compute_dtype)
         arrays = {name: np.zeros(v.shape, dtype=object if v.dtype is str else v.dtype)
                   for name, v in variables.items()}
-        arrays["tokens"][:] = tokens[:, :max_len]
+        arrays["tokens"][:] = np.asarray(tokens)[:, :max_len]
         arrays["length"][:] = [len(i) for i in ids]
         arrays["prompt"][:] = texts
         arrays["done"][:] = True
@@ -159,8 +167,112 @@ class Session:
             region = tuple(slice(0, min(a, b)) for a, b in zip(target.shape, value.shape))
             block = np.asarray(value)[region].astype(target.dtype)
             target[region] = mask_padding(name, block, lengths, [0] * block.ndim)
+        for name, (variable, values) in (extra or {}).items():
+            variables[name] = variable
+            arrays[name] = values
         attrs = {"grokscope": {"kind": "session"}, "model_config": self.config.to_dict(),
                  "checkpoint": self._model.checkpoint_identity, "tokenizer": self.tokenizer.identity(),
                  "record_spec": record.resolved(self.config).to_dict(), "compute_dtype": self.compute_dtype,
                  "status": "complete"}
         return dataset_from_arrays(variables, coords, arrays, json.loads(json.dumps(attrs)))
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, record: RecordSpec | None = None, stop_at_eos: bool = True) -> "Generation":
+        """Writes a continuation of `prompt` with a key/value cache, recording as it goes.
+
+        Every generated token is fed through the model once more, so that its own routing
+        (and attention) is recorded too. `temperature` 0 is greedy (argmax); otherwise tokens
+        are sampled from softmax(logits / temperature) cut to the smallest set of tokens whose
+        probability reaches `top_p` (nucleus sampling), with a seeded generator.
+
+        Returns a `Generation`: the text, the token ids, the logits each new token was chosen
+        from, and the store's Dataset of the whole sequence (prompt and generated positions
+        marked by `generated`).
+        """
+        import jax
+
+        from grokscope.forward import init_cache, jitted_decoder
+        from grokscope.record import QUANTITIES, to_store_dtypes
+        from grokscope.store import Variable
+
+        if max_new_tokens < 1:
+            raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"generate: temperature must be >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        record = record or self.record
+        ids = list(self.tokenizer.encode(prompt))
+        if not ids:
+            raise ValueError("generate: the prompt encodes to no tokens")
+        total = len(ids) + max_new_tokens
+        if total > self.config.sequence_len:
+            raise ValueError(f"generate: {len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's "
+                             f"sequence_len {self.config.sequence_len}")
+        step = jitted_decoder(self.config, record, self.compute_dtype, "sparse")
+        cache = init_cache(self.config, 1, bucket_length(total, self.config.sequence_len), self.compute_dtype)
+        rng = np.random.default_rng(seed)
+        records, step_logits, new = [], [], []
+
+        def run(tokens, start, cache):
+            positions = np.arange(start, start + len(tokens), dtype=np.int32)[None]
+            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                logits, rec, cache = step(self.params, np.asarray([tokens], np.int32), positions, cache)
+            records.append(jax.device_get(to_store_dtypes(rec)))
+            return np.asarray(logits[0, -1], np.float32), cache
+
+        logits, cache = run(ids, 0, cache)
+        for i in range(max_new_tokens):
+            token = _choose(logits, temperature, top_p, rng)
+            step_logits.append(logits)
+            new.append(token)
+            logits, cache = run([token], len(ids) + i, cache)
+            if stop_at_eos and token == self.tokenizer.eos_id:
+                break
+        all_ids = ids + new
+        outputs = {}
+        for name in records[0]:
+            axis = next(i for i, d in enumerate(QUANTITIES[name].dims) if d in ("position", "query"))
+            outputs[name] = np.concatenate([r[name] for r in records], axis=axis)
+        generated = np.zeros((1, len(all_ids)), bool)
+        generated[0, len(ids):] = True
+        extra = {"generated": (Variable("generated", ("sequence", "position"), generated.shape, bool,
+                                        generated.shape, {"long_name": "generated", "units": "flag",
+                                                          "description": "True at tokens the model wrote"}, False),
+                               generated)}
+        text = self.tokenizer.decode(new)
+        ds = self._dataset([prompt + text], [all_ids], np.asarray([all_ids]), outputs, record, extra=extra)
+        return Generation(text=text, prompt=prompt, token_ids=all_ids, prompt_length=len(ids),
+                          logits=np.stack(step_logits), dataset=ds)
+
+
+def _choose(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
+    """Greedy (temperature 0) or nucleus sampling from float logits [V]."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = np.searchsorted(np.cumsum(probs[order]), top_p) + 1
+    chosen = order[:keep]
+    return int(rng.choice(chosen, p=probs[chosen] / probs[chosen].sum()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What `Session.generate` wrote.
+
+    Attributes:
+      text: the generated text (without the prompt).
+      prompt: the prompt.
+      token_ids: prompt and generated token ids.
+      prompt_length: how many of them are the prompt's.
+      logits: [new tokens, vocab] the logits each generated token was chosen from.
+      dataset: the store's Dataset of the whole sequence, with `generated` (sequence, position).
+    """
+
+    text: str
+    prompt: str
+    token_ids: list[int]
+    prompt_length: int
+    logits: np.ndarray
+    dataset: Any

@@ -34,8 +34,13 @@ class MultiHeadAttention(hk.Module):
         self.config = config
         self.interventions = interventions
 
-    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [B, T, D]; mask: [B, T, S] bool (True = may attend); positions: [B, T]."""
+    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, cache=None):
+        """x: [B, T, D]; mask: [B, T, S] bool (True = may attend); positions: [B, T].
+
+        With `cache` = (keys [B, S, G, K], values [B, S, G, K], start): this call's keys and
+        values are written at rows start.. of the cache, the queries attend over all S rows
+        (as `mask` allows), and (output, (keys, values)) is returned; without, the output.
+        """
         c = self.config
         B, T, _ = x.shape
         H, G, K = c.num_q_heads, c.num_kv_heads, c.key_size
@@ -44,6 +49,10 @@ class MultiHeadAttention(hk.Module):
         v = Linear(G * K, name="value")(x).reshape(B, T, G, K)
         q = apply_rope(q, positions)
         k = apply_rope(k, positions)
+        if cache is not None:
+            k_cache, v_cache, start = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, axis=1)
         q = q.reshape(B, T, G, H // G, K)  # [B, T, G, R, K]
         logits = jnp.einsum("btgrk,bsgk->bgrts", q, k, precision=HIGHEST).astype(jnp.float32)  # [B, G, R, T, S]
         logits = logits * c.attn_output_multiplier
@@ -55,5 +64,5 @@ class MultiHeadAttention(hk.Module):
         out = jnp.einsum("bgrts,bsgk->btgrk", weights, v, precision=HIGHEST).reshape(B, T, H, K)
         if any(iv.kind == "ablate_head" for iv in self.interventions):
             out = ablate_heads(out, positions, self.interventions)
-        out = out.reshape(B, T, H * K)
-        return Linear(c.emb_size, name="linear")(out)
+        out = Linear(c.emb_size, name="linear")(out.reshape(B, T, H * K))
+        return (out, (k, v)) if cache is not None else out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import haiku as hk
 import jax
+import jax.numpy as jnp
 
 from grokscope.config import ModelConfig
 from grokscope.interventions import for_layer
@@ -23,8 +24,12 @@ class DecoderLayer(hk.Module):
         self.moe_dispatch = moe_dispatch
         self.interventions = interventions
 
-    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
-        attn = MultiHeadAttention(self.config, self.interventions)(RMSNorm(name="rms_norm")(h), mask, positions)
+    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array, cache=None):
+        """h [B, T, D] -> h; with a `cache` (see MultiHeadAttention), (h, (keys, values))."""
+        attn = MultiHeadAttention(self.config, self.interventions)(RMSNorm(name="rms_norm")(h), mask, positions,
+                                                                    cache)
+        if cache is not None:
+            attn, new_cache = attn
         h = h + RMSNorm(name="rms_norm_1")(attn)
         x = RMSNorm(name="rms_norm_2")(h)
         router_logits, probs = Router(self.config)(x)
@@ -32,7 +37,7 @@ class DecoderLayer(hk.Module):
         moe_out = MoELayer(self.config, self.moe_dispatch, self.interventions)(x, probs, positions)
         h = h + RMSNorm(name="rms_norm_3")(moe_out)
         probe("residual", h)
-        return h
+        return (h, new_cache) if cache is not None else h
 
 
 class Transformer(hk.Module):
@@ -45,9 +50,18 @@ class Transformer(hk.Module):
         self.moe_dispatch = moe_dispatch
         self.interventions = interventions
 
-    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array, cache=None):
+        """h -> h; with `cache` = (keys [L, B, S, G, K], values, start), (h, (keys, values))."""
+        keys, values = [], []
         for i in range(self.config.num_layers):
             h = constrain(h, "data", None, None)  # [B, T, D]: batch split, width replicated
-            h = DecoderLayer(self.config, name=f"decoder_layer_{i}", moe_dispatch=self.moe_dispatch,
-                             interventions=for_layer(self.interventions, i))(h, mask, positions)
-        return constrain(h, "data", None, None)
+            layer = DecoderLayer(self.config, name=f"decoder_layer_{i}", moe_dispatch=self.moe_dispatch,
+                                 interventions=for_layer(self.interventions, i))
+            if cache is None:
+                h = layer(h, mask, positions)
+            else:
+                h, (k, v) = layer(h, mask, positions, (cache[0][i], cache[1][i], cache[2]))
+                keys.append(k)
+                values.append(v)
+        h = constrain(h, "data", None, None)
+        return h if cache is None else (h, (jnp.stack(keys), jnp.stack(values)))

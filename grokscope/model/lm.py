@@ -53,24 +53,35 @@ class LanguageModel(hk.Module):
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, transformer: Transformer) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions: jax.Array, transformer: Transformer, cache=None):
         c = self.config
         embed = InOutEmbed(c)
         h = embed.embed(tokens).astype(self.compute_dtype)  # [B, T, D]
         h = h * as_activation_constant(c.embedding_multiplier_scale)
-        valid = tokens > c.pad_token  # [B, S]
         T = tokens.shape[1]
-        causal = jnp.tril(jnp.ones((T, T), dtype=bool))  # [T, S]
-        mask = causal[None, :, :] & valid[:, None, :]  # [B, T, S]
-        h = transformer(h, mask, positions)
+        if cache is None:
+            valid = tokens > c.pad_token  # [B, S]
+            causal = jnp.tril(jnp.ones((T, T), dtype=bool))  # [T, S]
+            mask = causal[None, :, :] & valid[:, None, :]  # [B, T, S]
+            h = transformer(h, mask, positions)
+        else:
+            # The new tokens sit at cache rows length.. ; each attends to every valid row up to its own.
+            start = cache["length"]
+            valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], tokens > c.pad_token, start, axis=1)
+            rows = jnp.arange(valid.shape[1])
+            mask = (rows[None, None, :] <= (start + jnp.arange(T))[None, :, None]) & valid[:, None, :]
+            h, (keys, values) = transformer(h, mask, positions, (cache["keys"], cache["values"], start))
+            cache = {"keys": keys, "values": values, "valid": valid, "length": start + T}
         h = RMSNorm(name="rms_norm")(h)
         logits = embed.decode(h) * as_activation_constant(c.output_multiplier_scale)
         # The release's logits are bfloat16.
-        return logits.astype(jnp.bfloat16).astype(jnp.float32)
+        logits = logits.astype(jnp.bfloat16).astype(jnp.float32)
+        return logits if cache is None else (logits, cache)
 
 
 def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | None = None,
-               compute_dtype: str = "float32", moe_dispatch: str = "sparse", interventions: tuple = ()) -> jax.Array:
+               compute_dtype: str = "float32", moe_dispatch: str = "sparse", interventions: tuple = (),
+               cache: dict | None = None):
     """The haiku function to transform: tokens [B, T] int -> logits [B, T, V] float32.
 
     `transformer` is built outside `language_model`, so its parameters live at
@@ -90,10 +101,13 @@ def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | No
     the outputs agree to rounding and the expert choices are identical.
 
     `interventions`: `grokscope.interventions.Intervention`s applied inside the forward.
+
+    With a key/value `cache` (`grokscope.forward.init_cache`), `tokens` are the next tokens of
+    the cached sequence; returns (logits, updated cache).
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     transformer = Transformer(config, moe_dispatch=moe_dispatch, interventions=tuple(interventions))
-    return LanguageModel(config, compute_dtype)(tokens, positions, transformer)
+    return LanguageModel(config, compute_dtype)(tokens, positions, transformer, cache)
