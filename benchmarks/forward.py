@@ -2,7 +2,9 @@
 
 Measured in one run, per config (the `mid` config of 4 layers, d 512, 8 experts top-2,
 widening 8, vocab 8192 at batch 4 x 256; and grok-tiny at batch 16 x 128):
-  MoE layer alone   one MoE block (jitted), sparse vs dense, the same inputs
+  MoE layer alone   one MoE block (jitted), sparse vs dense, the same inputs, and the
+                    temporary memory XLA allocates for each (int8 weights dequantised per call:
+                    all experts at once when dense, one expert at a time when grouped)
   forward           the whole jitted forward (routing recorded), sparse vs dense
   roofline          the sparse forward's useful FLOP/s against this machine's matmul FLOP/s
                     (a 2048^3 float32 matmul), FLOPs counted from the shapes (k experts per token)
@@ -112,6 +114,8 @@ def run(repeats: int) -> dict:
             apply = jax.jit(lambda prm, x, p, f=f: f.apply(prm, {}, x, p)[0])
             row[f"moe_{dispatch}_s"] = _median_seconds(lambda: apply(moe_params, x, probs).block_until_ready(),
                                                        repeats)
+            memory = apply.lower(moe_params, x, probs).compile().memory_analysis()
+            row[f"moe_{dispatch}_temp_bytes"] = int(getattr(memory, "temp_size_in_bytes", 0) or 0)
         row["tokens"] = B * T
         row["flops"] = _forward_flops(config, B, T)
         results["configs"][name] = row
@@ -151,6 +155,9 @@ def main() -> None:
                   f"{row['moe_dense_s'] / row['moe_sparse_s']:>8.2f}x {row['forward_dense_s'] * 1e3:>8.1f}ms "
                   f"{row['forward_sparse_s'] * 1e3:>9.1f}ms {row['forward_dense_s'] / row['forward_sparse_s']:>8.2f}x "
                   f"{row['tokens'] / row['forward_sparse_s']:>13.0f} {flops_s / r['matmul_flops']:>7.0%}")
+        for name, row in r["configs"].items():
+            print(f"  {name}: MoE temporaries dense {row['moe_dense_temp_bytes'] / 1e6:.1f} MB, "
+                  f"sparse {row['moe_sparse_temp_bytes'] / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":
