@@ -25,7 +25,8 @@ nbclient = pytest.importorskip("nbclient")
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 EXPECTED = ["01_quickstart.ipynb", "02_attention.ipynb", "03_batch_dump_and_analysis.ipynb",
-            "04_grok1_on_a_gpu_cluster.ipynb"]
+            "04_grok1_on_a_gpu_cluster.ipynb",
+            "05_interventions.ipynb"]
 # Wall-clock budget per notebook (the target is under 60 s on a 2-core CPU); GROKSCOPE_NOTEBOOK_BUDGET_S overrides.
 BUDGET_S = float(os.environ.get("GROKSCOPE_NOTEBOOK_BUDGET_S", "120"))
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
