@@ -14,6 +14,7 @@ Dims:
   query, key      the two positions of an attention map
   rank            top-k rank of an attention row, 0 = the key with the largest weight
   residual_layer  the recorded subset of layers for the residual stream (coordinate: true numbers)
+  expert_layer    the recorded subset of layers for expert outputs (coordinate: true numbers)
   hidden          the residual stream's width (emb_size)
 
 Quantities (see `QUANTITIES` for dims and dtypes):
@@ -86,6 +87,12 @@ QUANTITIES: dict[str, Quantity] = {
     "residual": Quantity(
         ("sequence", "position", "residual_layer", "hidden"), "float32", "residual stream", "activation",
         "the residual stream after the decoder layer"),
+    "expert_output": Quantity(
+        ("sequence", "position", "expert_layer", "expert", "hidden"), "float32", "expert output", "activation",
+        "what every expert outputs for the token (its GeGLU, before the gate), chosen or not"),
+    "moe_output": Quantity(
+        ("sequence", "position", "expert_layer", "hidden"), "float32", "MoE output", "activation",
+        "the gate-weighted sum of the chosen experts' outputs (the MoE block's output, before rms_norm_3)"),
 }
 
 # The probe each quantity comes from, and the axis its per-layer values are stacked on.
@@ -94,6 +101,7 @@ _SOURCE = {
     "expert_gate": ("expert_gate", 2), "attn_weights": ("attn_weights", 1),
     "attn_weights_head_mean": ("attn_weights", 1), "attn_topk_index": ("attn_weights", 1),
     "attn_topk_weight": ("attn_weights", 1), "residual": ("residual", 2),
+    "expert_output": ("expert_output", 2), "moe_output": ("moe_output", 2),
 }
 
 ATTENTION_FORMATS = ("full", "head_mean", "topk")
@@ -151,15 +159,21 @@ class RecordSpec:
       routing: record `router_logits`, `expert_index` and `expert_gate` for every layer.
       attention: record attention maps (None: not at all).
       residual: "all" or a tuple of layers whose output residual stream to record (None: not at all).
+      expert_outputs: "all" or a tuple of layers at which to record what *every* expert outputs
+        for each token (`expert_output`, E x hidden per token: large) and the gate-weighted sum of
+        the chosen ones (`moe_output`). None: not at all.
     """
 
     routing: bool = True
     attention: AttentionSpec | None = None
     residual: Selection | None = None
+    expert_outputs: Selection | None = None
 
     def __post_init__(self):
-        if self.residual is not None and self.residual != "all":
-            object.__setattr__(self, "residual", tuple(sorted(set(int(i) for i in self.residual))))
+        for name in ("residual", "expert_outputs"):
+            value = getattr(self, name)
+            if value is not None and value != "all":
+                object.__setattr__(self, name, tuple(sorted(set(int(i) for i in value))))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -171,6 +185,8 @@ class RecordSpec:
             names |= set(self.attention.names)
         if self.residual is not None:
             names.add("residual")
+        if self.expert_outputs is not None:
+            names |= {"expert_output", "moe_output"}
         return tuple(n for n in QUANTITIES if n in names)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,10 +196,12 @@ class RecordSpec:
     def from_dict(cls, d: Mapping[str, Any]) -> "RecordSpec":
         attention = d.get("attention")
         residual = d.get("residual")
+        experts = d.get("expert_outputs")
         return cls(routing=bool(d.get("routing", True)),
                    attention=None if attention is None else AttentionSpec(**{
                        k: (v if isinstance(v, (str, int)) else tuple(v)) for k, v in attention.items()}),
-                   residual=residual if residual in (None, "all") else tuple(residual))
+                   residual=residual if residual in (None, "all") else tuple(residual),
+                   expert_outputs=experts if experts in (None, "all") else tuple(experts))
 
     def resolved(self, config) -> "RecordSpec":
         """The same spec with "all" replaced by explicit indices (validated against `config`)."""
@@ -196,12 +214,16 @@ class RecordSpec:
         residual = self.residual
         if residual is not None:
             residual = resolve_selection(residual, config.num_layers, "residual layers")
-        return dataclasses.replace(self, attention=attention, residual=residual)
+        experts = self.expert_outputs
+        if experts is not None:
+            experts = resolve_selection(experts, config.num_layers, "expert output layers")
+        return dataclasses.replace(self, attention=attention, residual=residual, expert_outputs=experts)
 
     @classmethod
     def parse(cls, text: str) -> "RecordSpec":
         """Parses the command-line form, e.g.
-        `routing,attention:layers=0-3:heads=all:format=topk:k=16,residual:layers=0,2,5-7`.
+        `routing,attention:layers=0-3:heads=all:format=topk:k=16,residual:layers=0,2,5-7`
+        (and `expert_outputs:layers=...`).
         """
         items: list[list[str]] = []
         for token in (t.strip() for t in text.split(",")):
@@ -215,7 +237,7 @@ class RecordSpec:
                 items[-1].extend(o for o in continued.group(2).split(":") if o)
             else:
                 items.append(token.split(":"))
-        routing, attention, residual = False, None, None
+        routing, attention, residual, experts = False, None, None, None
         for name, *options in items:
             opts = {}
             for option in options:
@@ -239,9 +261,15 @@ class RecordSpec:
                 if unknown:
                     raise ValueError(f"--record: unknown residual options {sorted(unknown)}")
                 residual = _parse_indices(opts.get("layers", "all"))
+            elif name == "expert_outputs":
+                unknown = set(opts) - {"layers"}
+                if unknown:
+                    raise ValueError(f"--record: unknown expert_outputs options {sorted(unknown)}")
+                experts = _parse_indices(opts.get("layers", "all"))
             else:
-                raise ValueError(f"--record: unknown quantity {name!r}; expected routing, attention or residual")
-        return cls(routing=routing, attention=attention, residual=residual)
+                raise ValueError(f"--record: unknown quantity {name!r}; expected routing, attention, residual "
+                                 f"or expert_outputs")
+        return cls(routing=routing, attention=attention, residual=residual, expert_outputs=experts)
 
 
 def _parse_indices(text: str) -> Selection:
@@ -285,6 +313,9 @@ def record_filter(spec: RecordSpec, config):
         if name in routing:
             return next_setter(value)
         if name == "residual" and spec.residual is not None and layer in spec.residual:
+            return next_setter(value.astype(jnp.float32))
+        if name in ("expert_output", "moe_output") and spec.expert_outputs is not None and \
+                layer in spec.expert_outputs:
             return next_setter(value.astype(jnp.float32))
         attention = spec.attention
         if name == "attn_weights" and attention is not None and layer in attention.layers:

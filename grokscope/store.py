@@ -14,7 +14,7 @@ Schema (N sequences, P = max_len positions):
   done          (sequence,) bool, the sequence's data is complete
   vocab_piece   (vocab,) string, the tokenizer's piece for every id (labels without a tokenizer)
   + the recorded quantities of `grokscope.record.QUANTITIES` selected by the RecordSpec,
-  + coordinates layer, expert, slot, attn_layer, head, residual_layer (true numbers).
+  + coordinates layer, expert, slot, attn_layer, head, residual_layer, expert_layer (true numbers).
 Root attributes: see `provenance` in `grokscope.dump`.
 """
 
@@ -41,7 +41,7 @@ _NUMERIC_COMPRESSORS = [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="s
 _FILL = {"expert_index": -1, "attn_topk_index": -1}
 
 RESERVED_NAMES = frozenset({"tokens", "length", "prompt", "done", "vocab_piece", "layer", "expert", "slot",
-                            "attn_layer", "head", "residual_layer"} | set(QUANTITIES))
+                            "attn_layer", "head", "residual_layer", "expert_layer"} | set(QUANTITIES))
 
 
 class StoreError(ValueError):
@@ -106,6 +106,7 @@ def layout(config, spec: RecordSpec, num_sequences: int, max_len: int, batch_siz
         "head": len(attention.heads) if attention else 0,
         "rank": min(attention.k, max_len) if attention else 0,
         "residual_layer": len(spec.residual) if spec.residual is not None else 0,
+        "expert_layer": len(spec.expert_outputs) if spec.expert_outputs is not None else 0,
         "vocab": vocab_size or 0,
     }
 
@@ -145,6 +146,8 @@ def layout(config, spec: RecordSpec, num_sequences: int, max_len: int, batch_siz
         coords["head"] = np.array(attention.heads, dtype=np.int32)
     if spec.residual is not None:
         coords["residual_layer"] = np.array(spec.residual, dtype=np.int32)
+    if spec.expert_outputs is not None:
+        coords["expert_layer"] = np.array(spec.expert_outputs, dtype=np.int32)
     return variables, coords
 
 

@@ -176,3 +176,34 @@ def test_effects_per_position(tmp_path):
     back = xr.open_zarr(tmp_path / "effects.zarr", consolidated=False)
     np.testing.assert_array_equal(back["routing_changed"].values, ds["routing_changed"].values)
     assert list(back["label"].values) == ["code", "prose"]
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_expert_outputs_record_what_every_expert_would_say(setup, dispatch):
+    params, tokens, _ = setup
+    plain = forward(params, TINY, tokens, moe_dispatch=dispatch)
+    spec = RecordSpec(expert_outputs=(1,))
+    out = forward(params, TINY, tokens, record=spec, moe_dispatch=dispatch)
+    np.testing.assert_array_equal(out.logits, plain.logits)  # recording changes nothing
+    every = np.asarray(out.record["expert_output"])[:, :, 0]  # [B, T, E, D]
+    moe = np.asarray(out.record["moe_output"])[:, :, 0]  # [B, T, D]
+    index = np.asarray(out.record["expert_index"])[:, :, 1]
+    gate = np.asarray(out.record["expert_gate"])[:, :, 1]
+    assert every.shape == tokens.shape + (TINY.num_experts, TINY.emb_size)
+    chosen = np.take_along_axis(every, index[..., None].astype(int), axis=2)  # [B, T, k, D]
+    np.testing.assert_allclose(moe, (gate[..., None] * chosen).sum(2), rtol=1e-4, atol=1e-5)
+    # zeroing an expert removes exactly its recorded contribution
+    e = int(index[0, 4, 0])
+    zeroed = forward(params, TINY, tokens, record=spec, moe_dispatch=dispatch, interventions=[zero(e, layer=1)])
+    expected = moe - np.where((index == e)[..., None], gate[..., None] * chosen, 0).sum(2)
+    np.testing.assert_allclose(np.asarray(zeroed.record["moe_output"])[:, :, 0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_outputs_in_a_session_dataset():
+    from grokscope import Session
+
+    session = Session()
+    ds = session.run(["x = 1", "Hello there"], record=RecordSpec(expert_outputs=(0, 3)))
+    assert ds["expert_output"].dims == ("sequence", "position", "expert_layer", "expert", "hidden")
+    assert list(ds["expert_layer"].values) == [0, 3] and ds["moe_output"].shape[2] == 2
+    assert RecordSpec.parse("routing,expert_outputs:layers=0,3").expert_outputs == (0, 3)

@@ -21,6 +21,7 @@ SPECS = {
     "head_mean": RecordSpec(routing=False, attention=AttentionSpec(format="head_mean", layers=(1,), heads=(0, 3))),
     "topk": RecordSpec(attention=AttentionSpec(format="topk", k=5, layers=(0,), heads=(1, 2))),
     "residual": RecordSpec(routing=False, residual=(0, 1)),
+    "expert_outputs": RecordSpec(routing=False, expert_outputs=(1,)),
 }
 
 

@@ -148,6 +148,15 @@ def ragged_experts(xs, counts, w_gate, w_up, w_down):
     return jax.lax.ragged_dot(hidden, dequantize(w_down, dtype).astype(jnp.float32), counts, precision=HIGHEST)
 
 
+def _all_experts(x, w_gate, w_up, w_down):
+    """Every expert's GeGLU output for every token: x [B, T, D] -> [B, T, E, D] float32."""
+    w_gate, w_up, w_down = (dequantize(w, x.dtype) for w in (w_gate, w_up, w_down))
+    h_gate = jnp.einsum("btd,edf->btef", x, w_gate, precision=HIGHEST).astype(jnp.float32)  # [B, T, E, F]
+    h_up = jnp.einsum("btd,edf->btef", x, w_up, precision=HIGHEST).astype(jnp.float32)
+    hidden = jax.nn.gelu(h_gate, approximate=True) * h_up
+    return jnp.einsum("btef,efd->bted", hidden, w_down.astype(jnp.float32), precision=HIGHEST)
+
+
 class MoELayer(hk.Module):
     """Top-k mixture of GeGLU experts; `dispatch` picks how it is computed (see the module)."""
 
@@ -175,7 +184,12 @@ class MoELayer(hk.Module):
         w_up_q = _expert_weight("linear_v", [E, D, F])
         w_down_q = _expert_weight("linear_1", [E, F, D])
         if self.dispatch == "dense":
-            return self._dense(x, gates, index, w_gate_q, w_up_q, w_down_q)
+            out = self._dense(x, gates, index, w_gate_q, w_up_q, w_down_q)
+            probe("moe_output", out)
+            return out.astype(x.dtype)
+        # What every expert would output: computed only when recorded (otherwise the value is
+        # unused and compiled away).
+        probe("expert_output", _all_experts(x, w_gate_q, w_up_q, w_down_q))
         B, T, k = index.shape
         tokens, _, order, counts = _sorted_assignments(index.reshape(B * T, k), E)
         flat = x.reshape(B * T, D)
@@ -186,8 +200,9 @@ class MoELayer(hk.Module):
             ys = ragged_experts(xs, counts, w_gate_q, w_up_q, w_down_q)
         # Gates rounded through the activation dtype, as the dense path's one-hot product is.
         row_gates = gates.astype(x.dtype).astype(jnp.float32).reshape(-1)[order]
-        out = jnp.zeros((B * T, D), jnp.float32).at[tokens].add(ys * row_gates[:, None])
-        return out.reshape(B, T, D).astype(x.dtype)
+        out = jnp.zeros((B * T, D), jnp.float32).at[tokens].add(ys * row_gates[:, None]).reshape(B, T, D)
+        probe("moe_output", out)
+        return out.astype(x.dtype)
 
     def _dense(self, x, gates, index, w_gate_q, w_up_q, w_down_q):
         E = self.config.num_experts
@@ -199,8 +214,6 @@ class MoELayer(hk.Module):
             "btk,btke->bte", gates.astype(x.dtype).astype(jnp.float32),
             jax.nn.one_hot(index, E, dtype=jnp.float32), precision=HIGHEST)  # [B, T, E]
 
-        h_gate = jnp.einsum("btd,edf->btef", x, w_gate, precision=HIGHEST).astype(jnp.float32)  # [B, T, E, F]
-        h_up = jnp.einsum("btd,edf->btef", x, w_up, precision=HIGHEST).astype(jnp.float32)
-        hidden = jax.nn.gelu(h_gate, approximate=True) * h_up
-        out = jnp.einsum("btef,efd->bted", hidden, w_down.astype(jnp.float32), precision=HIGHEST)  # [B, T, E, D]
-        return jnp.einsum("bte,bted->btd", dense_gates, out, precision=HIGHEST).astype(x.dtype)
+        out = _all_experts(x, w_gate, w_up, w_down)  # [B, T, E, D]
+        probe("expert_output", out)
+        return jnp.einsum("bte,bted->btd", dense_gates, out, precision=HIGHEST)
