@@ -177,7 +177,8 @@ class Session:
         return dataset_from_arrays(variables, coords, arrays, json.loads(json.dumps(attrs)))
 
     def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, record: RecordSpec | None = None, stop_at_eos: bool = True) -> "Generation":
+                 seed: int = 0, record: RecordSpec | None = None, stop_at_eos: bool = True,
+                 on_token=None) -> "Generation":
         """Writes a continuation of `prompt` with a key/value cache, recording as it goes.
 
         Every generated token is fed through the model once more, so that its own routing
@@ -188,6 +189,9 @@ class Session:
         Returns a `Generation`: the text, the token ids, the logits each new token was chosen
         from, and the store's Dataset of the whole sequence (prompt and generated positions
         marked by `generated`).
+
+        `on_token(position, token_id, record)`, if given, is called as each generated token's
+        record arrives (the record's arrays hold that one position), e.g. to show it live.
         """
         import jax
 
@@ -225,6 +229,8 @@ class Session:
             step_logits.append(logits)
             new.append(token)
             logits, cache = run([token], len(ids) + i, cache)
+            if on_token is not None:
+                on_token(len(ids) + i, token, records[-1])
             if stop_at_eos and token == self.tokenizer.eos_id:
                 break
         all_ids = ids + new

@@ -229,3 +229,48 @@ def test_static_copies_embed_plotlyjs_once(store):
     marker = "window.PlotlyConfig"
     assert first["text/html"].count(marker) == 1 and second["text/html"].count(marker) == 0
     assert second["text/html"].count('class="plotly-graph-div"') == 5  # + the top-tokens HTML table
+
+
+def test_routing_explorer_intervention_shows_the_intervened_next_token(session):
+    from grokscope import forward
+    from grokscope.interventions import ban
+
+    explorer = RoutingExplorer(session, prompt="for value in values:\n    total")
+    ids = explorer.routing.token_ids
+    explorer.select(layer=1, position=len(ids) - 1)
+    none = explorer.next_token.data
+    np.testing.assert_array_equal(none[0].y, none[1].y)  # no intervention: the same distribution
+    chosen = int(explorer.routing.expert_index[1, len(ids) - 1, 0])
+    explorer.expert.value = chosen
+    explorer.action.value = "ban"
+    assert explorer.interventions() == [ban(chosen, layer=1)]
+    logits = np.asarray(forward(session.params, session.config, np.array([ids]),
+                                interventions=[ban(chosen, layer=1)]).logits[0, -1], np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    shown = dict(zip(explorer.next_token.layout.xaxis.ticktext, explorer.next_token.data[1].y))
+    from grokscope.tokenizer import display_piece
+
+    for token in np.argsort(-probs)[:5]:
+        assert abs(shown[display_piece(session.tokenizer.pieces([int(token)])[0])] - probs[token]) < 1e-6
+    assert "ban expert" in explorer.next_token.layout.title.text
+
+
+def test_generation_view_shows_every_token_with_its_routing(session):
+    from grokscope.widgets import GenerationView
+
+    view = GenerationView(session, prompt="x = ", max_new_tokens=5)
+    seen = []
+    original = view._show
+    view._show = lambda: (seen.append(len(view._spans)), original())
+    view.generate()
+    gen = view.generation
+    assert seen[:5] == [1, 2, 3, 4, 5]  # one more token on screen after each step
+    total = len(gen.token_ids)
+    assert len(view._spans) == total and np.array(view.heatmap.data[0].z).shape == (4, total)
+    stored = gen.dataset["expert_index"].values[0, :, 0, 0]
+    colours = figures.expert_colours(8)
+    for span, e in zip(view._spans, stored):
+        assert f"background:{colours[int(e)]}" in span
+    view.layer.value = 2
+    assert "framed: layer 2" in view.heatmap.layout.title.text

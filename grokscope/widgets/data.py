@@ -15,7 +15,7 @@ from grokscope.analysis.common import router_probs
 from grokscope.tokenizer import display_piece
 
 __all__ = ["SequenceRouting", "sequence_routing", "sequence_labels", "attention_matrix", "attention_options",
-           "ATTENTION_FORMATS"]
+           "next_token_distributions", "ATTENTION_FORMATS"]
 
 ATTENTION_FORMATS = ("full", "head_mean", "topk")
 
@@ -138,3 +138,26 @@ def attention_matrix(ds: xr.Dataset, sequence: int, layer: int, head: int | None
         keep = (idx >= 0) & (idx < T)
         np.add.at(out, (rows[keep], idx[keep]), w[keep])
     return out / len(heads)
+
+
+def next_token_distributions(session, token_ids, position: int, interventions, n: int = 10):
+    """The next-token distribution after `position`, as the model has it and under
+    `interventions`: (pieces, p_original, p_intervened) over the union of both top-n tokens,
+    ordered by the original probability."""
+    from grokscope.forward import forward
+    from grokscope.tokenizer import display_piece
+
+    tokens = np.asarray([token_ids], np.int32)
+    original = np.asarray(forward(session.params, session.config, tokens).logits[0, position], np.float64)
+    changed = np.asarray(forward(session.params, session.config, tokens, interventions=list(interventions))
+                         .logits[0, position], np.float64)
+
+    def softmax(x):
+        e = np.exp(x - x.max())
+        return e / e.sum()
+
+    p, q = softmax(original), softmax(changed)
+    ids = list(dict.fromkeys(list(np.argsort(-p)[:n]) + list(np.argsort(-q)[:n])))
+    ids.sort(key=lambda i: -p[i])
+    pieces = [display_piece(x) for x in session.tokenizer.pieces(ids)]
+    return pieces, p[ids], q[ids]

@@ -17,9 +17,10 @@ import xarray as xr
 from grokscope import analysis
 from grokscope.widgets.data import SequenceRouting
 
-__all__ = ["expert_colours", "routing_heatmap", "token_html", "token_probs_figure", "attention_heatmap",
+__all__ = ["expert_colours", "routing_heatmap", "token_html", "token_probs_figure", "next_token_figure",
+           "attention_heatmap",
            "query_figure", "load_figure", "entropy_figure", "coactivation_figure", "sankey_figure",
-           "top_tokens", "top_tokens_html", "top_tokens_figure", "group_figure", "FONT"]
+           "top_tokens", "top_tokens_html", "top_tokens_figure", "group_figure", "subtitled", "FONT"]
 
 # Tableau 10's first eight: distinct in hue and lightness, legible behind dark text.
 _EIGHT = ["#4C78A8", "#F58518", "#E45756", "#72B7B2", "#54A24B", "#EECA3B", "#B279A2", "#FF9DA6"]
@@ -59,7 +60,7 @@ def _discrete_colourscale(colours: Sequence[str]) -> list:
     return scale
 
 
-def _title(main: str, detail: str = "") -> str:
+def subtitled(main: str, detail: str = "") -> str:
     """A title, with a smaller second line for the details (short lines: figures sit side by side)."""
     return f"{main}<br><sup>{detail}</sup>" if detail else main
 
@@ -167,6 +168,19 @@ def token_probs_figure(r: SequenceRouting, position: int) -> go.Figure:
     return fig
 
 
+def next_token_figure(pieces: Sequence[str], original: np.ndarray, intervened: np.ndarray, title: str) -> go.Figure:
+    """The next-token distribution before and after an intervention, side by side."""
+    x = list(range(len(pieces)))
+    fig = go.Figure([go.Bar(x=x, y=original, name="original", marker_color="#4C78A8",
+                            customdata=list(pieces), hovertemplate="%{customdata}: %{y:.3f}<extra>original</extra>"),
+                     go.Bar(x=x, y=intervened, name="intervened", marker_color="#F58518",
+                            customdata=list(pieces), hovertemplate="%{customdata}: %{y:.3f}<extra>intervened</extra>")])
+    _layout(fig, title, height=320, barmode="group", yaxis=dict(title="probability"),
+            xaxis=dict(title="next token", tickmode="array", tickvals=x, ticktext=list(pieces), tickangle=-45),
+            legend=dict(orientation="h", yanchor="bottom", y=1.0, x=1, xanchor="right"))
+    return fig
+
+
 def attention_heatmap(matrix: np.ndarray, pieces: Sequence[str], title: str, query: int | None = None) -> go.Figure:
     """Query x key attention probabilities labelled with tokens (keys after the query blank)."""
     T = matrix.shape[0]
@@ -212,7 +226,7 @@ def load_figure(ds: xr.Dataset) -> go.Figure:
     fig = go.Figure([go.Bar(x=layers, y=load.sel(expert=e).values, name=f"expert {e}", marker_color=colours[i],
                             hovertemplate=f"expert {e}<br>layer %{{x}}<br>load %{{y:.3f}}<extra></extra>")
                      for i, e in enumerate(load["expert"].values)])
-    _layout(fig, _title("expert load per layer", f"share of top-{ds.sizes['slot']} assignments; uniform "
+    _layout(fig, subtitled("expert load per layer", f"share of top-{ds.sizes['slot']} assignments; uniform "
                                                   f"1/{E} = {1 / E:.3f}"),
             height=360, barmode="stack", xaxis=dict(title="layer", type="category"),
             yaxis=dict(title="share", range=[0, 1]))
@@ -228,7 +242,7 @@ def entropy_figure(ds: xr.Dataset) -> go.Figure:
                                hovertemplate="layer %{x}<br>entropy %{y:.3f}<extra></extra>"))
     fig.add_hline(y=1.0, line=dict(color="#888", dash="dash"), annotation_text="uniform routing",
                   annotation_position="bottom right")
-    _layout(fig, _title("router entropy per layer", "mean over tokens of H / ln E; 1 = uniform"), height=360,
+    _layout(fig, subtitled("router entropy per layer", "mean over tokens of H / ln E; 1 = uniform"), height=360,
             xaxis=dict(title="layer", type="category"), yaxis=dict(title="entropy", range=[0, 1.05]))
     return fig
 
@@ -242,7 +256,7 @@ def coactivation_figure(ds: xr.Dataset, layer: int) -> go.Figure:
         zmin=0, colorbar=dict(title=dict(text="N(i,j)/N(i)"), thickness=14),
         hovertemplate="expert %{y} with expert %{x}<br>%{z:.3f} of expert %{y}'s tokens "
                       "(%{customdata} tokens)<extra></extra>"))
-    _layout(fig, _title(f"co-activation at layer {layer}", "share of expert i's tokens that also take j"), height=380,
+    _layout(fig, subtitled(f"co-activation at layer {layer}", "share of expert i's tokens that also take j"), height=380,
             xaxis=dict(title="expert j", type="category"), yaxis=dict(title="expert i", type="category",
                                                                       autorange="reversed"))
     return fig
@@ -318,7 +332,7 @@ def top_tokens_figure(ds: xr.Dataset, layer: int, n: int = 8) -> go.Figure:
         header=dict(values=headers, fill_color=colours,
                     font=dict(color="#111", size=12), align="left"),
         cells=dict(values=columns, align="left", font=dict(size=11), height=22)))
-    _layout(fig, _title(f"tokens most often sent to each expert at layer {layer}", "first choice; count"),
+    _layout(fig, subtitled(f"tokens most often sent to each expert at layer {layer}", "first choice; count"),
             height=130 + 24 * n)
     return fig
 
@@ -335,7 +349,7 @@ def group_figure(ds: xr.Dataset, by: str, layer: int) -> go.Figure:
                             hovertemplate=f"{g}<br>expert %{{x}}<br>share %{{y:.3f}}<extra></extra>")
                      for i, g in enumerate(load["group"].values)])
     fig.add_hline(y=1 / E, line=dict(color="#888", dash="dash"))
-    _layout(fig, _title(f"expert load at layer {layer} by {by}", f"share of each group's assignments; dashed: "
+    _layout(fig, subtitled(f"expert load at layer {layer} by {by}", f"share of each group's assignments; dashed: "
                                                                   f"uniform 1/{E}"),
             height=380, barmode="group", xaxis=dict(title="expert", type="category"),
             yaxis=dict(title="share"), legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))

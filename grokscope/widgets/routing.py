@@ -22,7 +22,9 @@ class RoutingExplorer(View):
     - a layer x token heatmap of each token's first-choice expert (hover: token, layer, both
       chosen experts and their gates; click a cell to select that token and layer),
     - the text with each token on its expert's colour at the layer of the slider,
-    - the selected token's router probabilities at every layer (stacked bars per expert).
+    - the selected token's router probabilities at every layer (stacked bars per expert),
+    - with a Session: an intervention control (ban or zero an expert at the layer of the slider)
+      and the next-token distribution after the selected token, as is and intervened.
 
     Args:
       source: a `Session` (a text box runs what you type) or a Dataset from `open_store` /
@@ -48,6 +50,13 @@ class RoutingExplorer(View):
             self.run_button = W.Button(description="Run", button_style="primary", icon="play")
             self.run_button.on_click(lambda _: guarded(self.status, self._run))
             chooser = W.HBox([self.prompt, self.run_button])
+            self.action = W.ToggleButtons(options=["none", "ban", "zero"], value="none", description="intervene",
+                                          style={"button_width": "60px"})
+            self.expert = W.Dropdown(options=list(range(source.config.num_experts)), value=0, description="expert",
+                                     layout=W.Layout(width="160px"))
+            self.next_token = go.FigureWidget()
+            for control in (self.action, self.expert):
+                control.observe(lambda _: guarded(self.status, self._draw_next_token), names="value")
         else:
             ds = self.source.dataset
             self.sequence = W.Dropdown(options=[(label, i) for i, label in enumerate(sequence_labels(ds))],
@@ -56,8 +65,10 @@ class RoutingExplorer(View):
             chooser = self.sequence
         self.layer.observe(lambda _: guarded(self.status, self._draw_layer), names="value")
         self.position.observe(lambda _: guarded(self.status, self._draw_position), names="value")
-        super().__init__([chooser, self.status, self.heatmap, W.HBox([self.layer, self.position]), self.text,
-                          self.probs])
+        children = [chooser, self.status, self.heatmap, W.HBox([self.layer, self.position]), self.text, self.probs]
+        if self.source.session is not None:
+            children += [W.HBox([self.action, self.expert]), self.next_token]
+        super().__init__(children)
         if self.source.session is not None:
             guarded(self.status, self._run)
         else:
@@ -90,6 +101,7 @@ class RoutingExplorer(View):
         refresh(self.probs, figures.token_probs_figure(routing, self.position.value))
         self.status.value = (f"{T} tokens, {len(layers)} layers, {routing.num_experts} experts. "
                              f"Click a cell of the heatmap to select a token.")
+        self._draw_next_token()
 
     def _draw_layer(self):
         if self.routing is None:
@@ -99,6 +111,28 @@ class RoutingExplorer(View):
             self.heatmap.layout.shapes = fig.layout.shapes
             self.heatmap.layout.title.text = fig.layout.title.text
         self.text.value = figures.token_html(self.routing, self.layer.value, self.position.value)
+        self._draw_next_token()
+
+    def interventions(self) -> list:
+        """The intervention the controls describe (empty for "none")."""
+        from grokscope.interventions import ban, zero
+
+        if self.source.session is None or self.action.value == "none":
+            return []
+        make = ban if self.action.value == "ban" else zero
+        return [make(self.expert.value, layer=self.layer.value)]
+
+    def _draw_next_token(self):
+        if self.source.session is None or self.routing is None:
+            return
+        from grokscope.widgets.data import next_token_distributions
+
+        interventions = self.interventions()
+        position = self.position.value
+        pieces, p, q = next_token_distributions(self.source.session, self.routing.token_ids, position, interventions)
+        what = interventions[0].describe() if interventions else "no intervention"
+        title = figures.subtitled(f"next token after '{self.routing.pieces[position]}' (position {position})", what)
+        refresh(self.next_token, figures.next_token_figure(pieces, p, q, title))
 
     def _draw_position(self):
         if self.routing is None:
@@ -107,6 +141,7 @@ class RoutingExplorer(View):
         self.heatmap.layout.shapes = fig.layout.shapes
         self.text.value = figures.token_html(self.routing, self.layer.value, self.position.value)
         refresh(self.probs, figures.token_probs_figure(self.routing, self.position.value))
+        self._draw_next_token()
 
     def _clicked(self, trace, points, state):
         if not points.point_inds:

@@ -1,0 +1,108 @@
+"""GenerationView: the model writes, and each new token appears with its routing."""
+
+from __future__ import annotations
+
+import html
+
+import ipywidgets as W
+import numpy as np
+import plotly.graph_objects as go
+
+from grokscope.widgets import figures
+from grokscope.widgets.base import View, guarded, refresh
+from grokscope.widgets.data import sequence_routing
+
+__all__ = ["GenerationView"]
+
+
+class GenerationView(View):
+    """Type a prompt, press Generate: tokens appear as they are written, each on the colour of
+    its first-choice expert at the chosen layer (hover: both experts and gates at that layer);
+    when done, the layer x token heatmap of the whole sequence (generated tokens after the
+    dotted line).
+
+    Args:
+      session: a `Session`.
+      prompt, max_new_tokens, temperature: the first values of the controls.
+    """
+
+    def __init__(self, session, prompt: str = "def mean(values):\n", max_new_tokens: int = 24,
+                 temperature: float = 0.0):
+        from grokscope.session import Session
+
+        if not isinstance(session, Session):
+            raise TypeError(f"GenerationView needs a grokscope Session, got {type(session).__name__}")
+        self.session = session
+        self.status = W.HTML()
+        self.prompt = W.Textarea(value=prompt, description="prompt", rows=3, layout=W.Layout(width="95%"))
+        self.max_new_tokens = W.BoundedIntText(value=max_new_tokens, min=1, max=session.config.sequence_len,
+                                               description="new tokens", layout=W.Layout(width="200px"))
+        self.temperature = W.FloatSlider(value=temperature, min=0.0, max=2.0, step=0.1, description="temperature",
+                                         continuous_update=False)
+        self.layer = W.Dropdown(options=list(range(session.config.num_layers)), value=0, description="colour by layer",
+                                style={"description_width": "initial"}, layout=W.Layout(width="220px"))
+        self.button = W.Button(description="Generate", button_style="primary", icon="play")
+        self.text = W.HTML()
+        self.heatmap = go.FigureWidget()
+        self.generation = None
+        self._spans: list[str] = []
+        self.button.on_click(lambda _: guarded(self.status, self.generate))
+        self.layer.observe(lambda _: guarded(self.status, self._redraw), names="value")
+        super().__init__([W.HBox([self.prompt]), W.HBox([self.max_new_tokens, self.temperature, self.layer,
+                                                         self.button]),
+                          self.status, self.text, self.heatmap])
+
+    def _span(self, piece: str, experts, gates, generated: bool) -> str:
+        colours = figures.expert_colours(self.session.config.num_experts)
+        tip = ", ".join(f"expert {int(e)} gate {float(g):.3f}" for e, g in zip(experts, gates))
+        border = "border-bottom:2px solid #222;" if generated else ""
+        return (f'<span title="{html.escape(tip)}" style="background:{colours[int(experts[0])]};opacity:0.9;'
+                f'padding:1px 2px;margin:1px;border-radius:3px;{border}">{html.escape(piece)}</span>'
+                + ("<br>" if piece.endswith("↵") else ""))
+
+    def _show(self):
+        self.text.value = ('<div style="font-family:DejaVu Sans Mono, monospace;font-size:13px;line-height:1.9">'
+                           + "".join(self._spans) + "</div>")
+
+    def generate(self):
+        """Runs the generation with the controls' settings (what the button does)."""
+        from grokscope.tokenizer import display_piece
+
+        self._spans = []
+        self.status.value = "generating…"
+        layer = self.layer.value
+        tokenizer = self.session.tokenizer
+
+        def on_token(position, token, record):
+            piece = display_piece(tokenizer.pieces([token])[0])
+            self._spans.append(self._span(piece, record["expert_index"][0, -1, layer],
+                                          record["expert_gate"][0, -1, layer], True))
+            self._show()
+            self.status.value = f"{len(self._spans)} of {self.max_new_tokens.value} tokens"
+
+        self.generation = self.session.generate(self.prompt.value, max_new_tokens=self.max_new_tokens.value,
+                                                temperature=self.temperature.value, on_token=on_token)
+        self._redraw()
+        n_new = len(self.generation.token_ids) - self.generation.prompt_length
+        self.status.value = f"{n_new} new tokens after a {self.generation.prompt_length}-token prompt"
+
+    def _redraw(self):
+        if self.generation is None:
+            return
+        ds = self.generation.dataset
+        routing = sequence_routing(ds, 0)
+        layer_index = int(np.flatnonzero(routing.layers == self.layer.value)[0])
+        P = self.generation.prompt_length
+        self._spans = [self._span(piece, routing.expert_index[layer_index, t], routing.expert_gate[layer_index, t],
+                                  t >= P) for t, piece in enumerate(routing.pieces)]
+        self._show()
+        fig = figures.routing_heatmap(routing, self.layer.value)
+        fig.add_vline(x=P - 0.5, line=dict(color="#222", dash="dot"))
+        fig.update_layout(title=figures.subtitled("routing of the prompt and the generated tokens",
+                                                  f"generated after the dotted line; framed: layer {self.layer.value}"))
+        refresh(self.heatmap, fig)
+
+    def static_parts(self):
+        if self.generation is None:
+            return [f"<pre>{html.escape(self.status.value)}</pre>"]
+        return [self.text.value, go.Figure(self.heatmap)]
