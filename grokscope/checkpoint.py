@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from grokscope.config import ModelConfig
 from grokscope.forward import ParamShape, is_quantizable, param_shapes, release_scale_blocks
 from grokscope.quant import QuantizedWeight8bit, quantize
-from grokscope.sharding import param_sharding
+from grokscope.sharding import param_sharding, place
 
 __all__ = ["CheckpointError", "read_tensor", "load_params", "save_params", "tensor_path",
            "checkpoint_identity", "check_tensor", "check_file_set"]
@@ -228,7 +228,7 @@ def load_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, mesh: Me
             value = read_tensor(file)
             check_tensor(value, path, shapes[path], str(file))
             target = param_sharding(path, value, mesh) if mesh is not None else device
-            placed = jax.device_put(value, target)
+            placed = place(value, target) if mesh is not None else jax.device_put(value, target)
             jax.block_until_ready(placed)
             del value
         return path, placed

@@ -107,7 +107,13 @@ def cmd_dump(args) -> int:
     from grokscope.record import RecordSpec
     from grokscope.store import StoreError
 
+    from grokscope.distributed import DistributedError
+
     try:
+        if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
+            from grokscope.distributed import initialize
+
+            initialize(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
         record = RecordSpec.parse(args.record)
         mesh = None
         if args.mesh:
@@ -119,12 +125,16 @@ def cmd_dump(args) -> int:
                        config=args.config, record=record, batch_size=args.batch_size, max_len=args.max_len,
                        truncate=args.truncate, compute_dtype=args.compute_dtype, mesh=mesh,
                        progress=not args.quiet)
-    except (DumpError, StoreError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (DumpError, StoreError, CheckpointError, DistributedError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: {args.out} is resumable; run the same command again to continue", file=sys.stderr)
         return 130
+    import jax
+
+    if jax.process_index() != 0:
+        return 0
     print(summary)
     from grokscope.store import describe, open_store
 
@@ -197,6 +207,13 @@ def main(argv=None) -> int:
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0, for a job over several processes/hosts")
+    p.add_argument("--num-processes", type=int, help="processes in the job (with --coordinator)")
+    p.add_argument("--process-id", type=int, help="this process's index, 0..N-1 (with --coordinator)")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a multi-process job described by the environment (SLURM, Open MPI, ...)")
+    p.add_argument("--coordinator-timeout", type=int, default=120,
+                   help="seconds to wait for every process to join (default 120)")
     p.set_defaults(func=cmd_dump)
 
     p = sub.add_parser("analyze", help="per-layer routing summary of a store, each number beside its null baseline")

@@ -27,7 +27,7 @@ import zarr
 import grokscope
 from grokscope.forward import jitted_forward
 from grokscope.record import RecordSpec, to_store_dtypes
-from grokscope.sharding import batch_sharding
+from grokscope.sharding import batch_sharding, place
 from grokscope.store import RESERVED_NAMES, StoreWriter, column_dtype, create, layout
 
 __all__ = ["dump", "DumpError", "DumpSummary", "Prompt", "read_prompts", "encode_prompts", "run_batch"]
@@ -132,8 +132,8 @@ def run_batch(model, record: RecordSpec, ids: Sequence[Sequence[int]], length: i
         _, outputs = fn(model.params, tokens, positions)
         return tokens, to_store_dtypes(outputs)
     with jax.set_mesh(model.mesh):
-        _, outputs = fn(model.params, jax.device_put(tokens, batch_sharding(model.mesh, tokens.shape)),
-                        jax.device_put(positions, batch_sharding(model.mesh, positions.shape)))
+        _, outputs = fn(model.params, place(tokens, batch_sharding(model.mesh, tokens.shape)),
+                        place(positions, batch_sharding(model.mesh, positions.shape)))
         return tokens, to_store_dtypes(outputs)
 
 
@@ -243,16 +243,26 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
       max_len: the store's `position` size; default the config's `sequence_len`.
       truncate: None (too-long prompts are an error), "left" or "right".
       compute_dtype: "float32" or "bfloat16".
-      mesh: run sharded on this mesh.
+      mesh: run sharded on this mesh. In a multi-process job (after
+        `grokscope.distributed.initialize`) the mesh spans every process's devices (default:
+        data = processes, model = each process's devices); each process writes the rows its
+        devices hold, process 0 creates the store and marks it complete.
       progress: show a progress line on stderr.
       model: an already loaded `LoadedModel` (instead of checkpoint/tokenizer/config).
 
     Returns:
       A DumpSummary (printable).
     """
+    from grokscope import distributed
     from grokscope.session import bucket_length, load_model, resolve_model
 
     t0 = time.perf_counter()
+    multi = jax.process_count() > 1
+    leader = jax.process_index() == 0
+    if multi and mesh is None:
+        from grokscope.sharding import make_mesh
+
+        mesh = make_mesh(jax.process_count(), jax.local_device_count())
     prompts_file, out = Path(prompts_file), Path(out)
     if batch_size < 1:
         raise DumpError(f"batch_size: expected >= 1, got {batch_size}")
@@ -268,14 +278,26 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
                          [p.line for p in prompts], str(prompts_file))
     record.resolved(config)  # validates layer/head selections against the model
     identity = _identity(described, record, prompts_file, batch_size, max_len, truncate, compute_dtype)
+    # Rows of each batch this process writes (None: all), and the store's chunk along
+    # `sequence`: it divides every process's row block, so no two processes share a chunk.
+    owned, chunk_rows = None, batch_size
+    if multi:
+        sharding = batch_sharding(mesh, (batch_size, 1))
+        owned = distributed.owned_rows(sharding, (batch_size, 1))
+        chunk_rows = distributed.rows_per_writer(sharding, (batch_size, 1))
 
     # Every check that can fail on input runs before the parameters are loaded.
+    distributed.barrier("grokscope-dump: start")  # nobody creates the store before all have looked
     resumed = out.exists()
     group = _open_for_resume(out, identity) if resumed else None
+    if resumed and multi and chunk_rows % group["done"].chunks[0]:
+        raise DumpError(f"{out}: its chunks of {group['done'].chunks[0]} sequences do not divide the "
+                        f"{chunk_rows} rows each process writes here; resume it with the process layout "
+                        f"(--mesh, --num-processes, --batch-size) it was started with")
     model = described if described.params else load_model(mesh=mesh, resolved=described)
-    if not resumed:
+    if not resumed and leader:
         meta_types = {k: column_dtype([p.metadata[k] for p in prompts]) for k in prompts[0].metadata}
-        variables, coords = layout(config, record, len(prompts), max_len, batch_size, meta_types,
+        variables, coords = layout(config, record, len(prompts), max_len, chunk_rows, meta_types,
                                    model.tokenizer.vocab_size)
         attrs = {"grokscope": {"version": grokscope.__version__, "schema": 1}, **identity,
                  "created": _now(), "finished": None, "status": "in_progress", "num_sequences": len(prompts)}
@@ -291,12 +313,14 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
             os.replace(staging, out)
         except OSError as e:
             raise DumpError(f"cannot create {out}: {e}") from None
+    if not resumed:
+        distributed.barrier("grokscope-dump: created")  # the others wait for process 0's store
         group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)
 
     done = np.asarray(group["done"][:])
     todo = [b for b in range(-(-len(prompts) // batch_size))
             if not done[b * batch_size: (b + 1) * batch_size].all()]
-    bar = _Progress(sum(min(batch_size, len(prompts) - b * batch_size) for b in todo), progress)
+    bar = _Progress(sum(min(batch_size, len(prompts) - b * batch_size) for b in todo), progress and leader)
     writer = StoreWriter(group)
     written = 0
     try:
@@ -310,13 +334,14 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
                     "prompt": np.array([p.text for p in prompts[row0: row0 + n]], dtype=object)}
             for key in prompts[0].metadata:
                 host[key] = np.array([p.metadata[key] for p in prompts[row0: row0 + n]], dtype=object)
-            writer.put(row0, n, {**host, **outputs})
-            written += n
+            writer.put(row0, n, {**host, **outputs}, rows=owned)
+            written += n if owned is None else sum(max(0, min(r1, n) - r0) for r0, r1 in owned)
             bar.update(n, sum(len(i) for i in batch_ids))
     finally:
         writer.close()
     bar.update(0, 0, final=True)
-    if np.asarray(group["done"][:]).all():
+    distributed.barrier("grokscope-dump: written")  # every process's writes are done
+    if leader and np.asarray(group["done"][:]).all():
         group.attrs.update({"status": "complete", "finished": _now()})
     seconds = time.perf_counter() - t0
     return DumpSummary(str(out), len(prompts), sum(len(i) for i in ids), written, writer.bytes_written,

@@ -78,10 +78,10 @@ def effects(session, prompts: str | Sequence[str], interventions: Sequence, batc
         positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
         mesh = session.mesh
         if mesh is not None:
-            from grokscope.sharding import batch_sharding
+            from grokscope.sharding import batch_sharding, place
 
-            tokens_in = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
-            positions_in = jax.device_put(positions, batch_sharding(mesh, positions.shape))
+            tokens_in = place(tokens, batch_sharding(mesh, tokens.shape))
+            positions_in = place(positions, batch_sharding(mesh, positions.shape))
             with jax.set_mesh(mesh):
                 results = (original(session.params, tokens_in, positions_in),
                            intervened(session.params, tokens_in, positions_in))

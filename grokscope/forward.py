@@ -21,7 +21,7 @@ from grokscope.config import ModelConfig
 from grokscope.model import forward_fn
 from grokscope.quant import quantize
 from grokscope.record import RecordSpec, collect, record_filter
-from grokscope.sharding import batch_sharding, shard_params
+from grokscope.sharding import batch_sharding, place, shard_params
 
 __all__ = ["ParamShape", "param_shapes", "is_quantizable", "release_scale_blocks", "init_params", "init_cache",
            "jitted_decoder",
@@ -180,7 +180,7 @@ def forward(params: dict, config: ModelConfig, tokens, record: RecordSpec = Reco
     if mesh is None:
         return ForwardOutput(*fn(params, tokens, positions))
     params = shard_params(params, mesh)
-    tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
-    positions = jax.device_put(positions, batch_sharding(mesh, positions.shape))
+    tokens = place(tokens, batch_sharding(mesh, tokens.shape))
+    positions = place(positions, batch_sharding(mesh, positions.shape))
     with jax.set_mesh(mesh):
         return ForwardOutput(*fn(params, tokens, positions))

@@ -89,9 +89,26 @@ def param_sharding(path: str, value: Any, mesh: Mesh):
 
 def shard_params(params: dict, mesh: Mesh) -> dict:
     """Places a haiku params dict on `mesh` (a no-op for leaves already placed so)."""
-    return {module: {name: jax.device_put(v, param_sharding(f"{module}/{name}", v, mesh))
+    return {module: {name: place(v, param_sharding(f"{module}/{name}", v, mesh))
                      for name, v in values.items()}
             for module, values in params.items()}
+
+
+def place(value, sharding):
+    """`jax.device_put(value, sharding)` for host values (arrays or pytrees, with a matching
+    pytree of shardings). In a multi-process job each process builds only the shards of its
+    own devices from its copy of the value, with no communication (so processes may place
+    tensors in any order)."""
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+
+    def one(leaf, leaf_sharding):
+        leaf = np.asarray(leaf)
+        return jax.make_array_from_callback(leaf.shape, leaf_sharding, lambda index: leaf[index])
+
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda leaf: one(leaf, sharding), value)
+    return jax.tree.map(one, value, sharding)
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:

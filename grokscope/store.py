@@ -195,10 +195,17 @@ def mask_padding(name: str, block: np.ndarray, lengths: np.ndarray, starts: Sequ
     return block
 
 
-def row_blocks(array: zarr.Array, value, row0: int, n_valid: int, lengths, name):
-    """(selection in `array`, block) pieces of a batch array [B, ...], first n_valid rows only."""
+def row_blocks(array: zarr.Array, value, row0: int, n_valid: int, lengths, name, rows=None):
+    """(selection in `array`, block) pieces of a batch array [B, ...], first n_valid rows only.
+
+    A `jax.Array` gives its addressable shards with replica_id 0 (the rows this process
+    writes); a host array all its rows, or only the [start, stop) ranges in `rows`.
+    """
     if hasattr(value, "addressable_shards"):
         pieces = [(s.index, s.data) for s in value.addressable_shards if s.replica_id == 0]
+    elif rows is not None:
+        rest = (slice(None),) * (np.ndim(value) - 1)
+        pieces = [((slice(r0, r1),) + rest, np.asarray(value)[r0:r1]) for r0, r1 in rows]
     else:
         pieces = [((slice(None),) * np.ndim(value), value)]
     out = []
@@ -277,13 +284,16 @@ def _write_local_chunk(path, encoder, data: np.ndarray) -> None:
         raise
 
 
-def write_batch(arrays: Mapping[str, zarr.Array], values: Mapping[str, Any], row0: int, n_valid: int) -> int:
+def write_batch(arrays: Mapping[str, zarr.Array], values: Mapping[str, Any], row0: int, n_valid: int,
+                rows=None) -> int:
     """Writes one batch's arrays [B, ...] at rows row0.. (first n_valid rows), concurrently.
 
     A `jax.Array` is written shard by shard (each addressable shard with replica_id 0, i.e.
     every block exactly once on any mesh); other dims are written from index 0. `values`
     must hold `length` (per batch row): padding positions of recorded quantities are written
-    as the fill value. Returns the bytes written (before compression).
+    as the fill value. Host arrays are written whole, or only the row ranges in `rows` (the
+    rows this process owns in a multi-process job). Returns the bytes written (before
+    compression).
 
     Blocks that cover whole chunks of an array with the store's numeric codecs are encoded
     here, in worker threads, and stored as chunk objects directly: the same bytes zarr would
@@ -296,7 +306,8 @@ def write_batch(arrays: Mapping[str, zarr.Array], values: Mapping[str, Any], row
     from zarr.core.sync import sync
 
     lengths = np.asarray(values["length"])
-    pieces = {name: row_blocks(arrays[name], value, row0, n_valid, lengths, name) for name, value in values.items()}
+    pieces = {name: row_blocks(arrays[name], value, row0, n_valid, lengths, name, rows)
+              for name, value in values.items()}
     to_buffer = default_buffer_prototype().buffer.from_bytes
 
     async def write_chunk(array, encoder, coords, data):
@@ -364,11 +375,12 @@ class StoreWriter:
                 end = t1
         return total
 
-    def put(self, row0: int, n_valid: int, arrays: Mapping[str, Any]) -> None:
+    def put(self, row0: int, n_valid: int, arrays: Mapping[str, Any], rows=None) -> None:
         """Queues one batch: `arrays` maps variable names to [B, ...] arrays (B >= n_valid),
-        including `length`, which masks the padding positions of recorded quantities."""
+        including `length`, which masks the padding positions of recorded quantities. `rows`:
+        the [start, stop) row ranges of the batch this process writes (None: all)."""
         self._raise_if_failed()
-        self._queue.put((row0, n_valid, dict(arrays)))
+        self._queue.put((row0, n_valid, dict(arrays), rows))
 
     def _run(self):
         import time
@@ -379,12 +391,14 @@ class StoreWriter:
                 return
             if self._error is not None:
                 continue
-            row0, n_valid, arrays = item
+            row0, n_valid, arrays, rows = item
             try:
                 jax.block_until_ready(arrays)  # the forward's results; waiting is not writing
                 t0 = time.perf_counter()
-                written = write_batch(self._arrays, arrays, row0, n_valid)
-                self._arrays["done"][row0:row0 + n_valid] = True
+                written = write_batch(self._arrays, arrays, row0, n_valid, rows)
+                for r0, r1 in rows if rows is not None else [(0, n_valid)]:
+                    if min(r1, n_valid) > r0:
+                        self._arrays["done"][row0 + r0:row0 + min(r1, n_valid)] = True
                 with self._lock:
                     self.bytes_written += written
                     self._intervals.append((t0, time.perf_counter()))
