@@ -148,12 +148,20 @@ def cmd_analyze(args) -> int:
     from grokscope.analysis.summary import format_summary, summarize
     from grokscope.store import StoreError, open_store
 
+    client = None
     try:
+        if args.scheduler:
+            from grokscope.analysis.cluster import connect
+
+            client = connect(args.scheduler)
         ds = open_store(args.store)
         summary = summarize(ds, by=args.by, n_permutations=args.permutations)
     except (StoreError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if client is not None:
+            client.close()
     print(f"store: {args.store}")
     print(format_summary(summary))
     if args.output:
@@ -221,6 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--by", help="a per-sequence variable to compare groups by, e.g. label")
     p.add_argument("--permutations", type=int, default=200, help="shuffles for the p-values (default 200)")
     p.add_argument("-o", "--output", help="also write the summary to a .json or .csv file")
+    p.add_argument("--scheduler", help="run on a dask.distributed cluster, e.g. tcp://host:8786")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("report", help="one standalone HTML file of a store's routing figures (opens offline)")
