@@ -31,7 +31,7 @@ import zarr
 
 from grokscope.record import QUANTITIES, RecordSpec
 
-__all__ = ["Variable", "layout", "create", "row_blocks", "write_batch", "StoreWriter", "open_store", "token_pieces", "dataset_from_arrays", "describe", "column_dtype", "mask_padding",
+__all__ = ["Variable", "layout", "record_bytes_per_token", "create", "row_blocks", "write_batch", "StoreWriter", "open_store", "token_pieces", "dataset_from_arrays", "describe", "column_dtype", "mask_padding",
            "StoreError", "RESERVED_NAMES"]
 
 _TARGET_CHUNK_BYTES = 8 * 1024**2
@@ -149,6 +149,26 @@ def layout(config, spec: RecordSpec, num_sequences: int, max_len: int, batch_siz
     if spec.expert_outputs is not None:
         coords["expert_layer"] = np.array(spec.expert_outputs, dtype=np.int32)
     return variables, coords
+
+
+def record_bytes_per_token(config, spec: RecordSpec, context: int) -> dict[str, float]:
+    """Uncompressed bytes per token of each recorded quantity, from the schema (dims and store
+    dtypes), for sequences of `context` tokens (attention maps grow with it)."""
+    spec = spec.resolved(config)
+    attention = spec.attention
+    sizes = {"layer": config.num_layers, "expert": config.num_experts, "slot": config.num_selected_experts,
+             "hidden": config.emb_size, "key": context,
+             "attn_layer": len(attention.layers) if attention else 0,
+             "head": len(attention.heads) if attention else 0,
+             "rank": min(attention.k, context) if attention else 0,
+             "residual_layer": len(spec.residual) if spec.residual is not None else 0,
+             "expert_layer": len(spec.expert_outputs) if spec.expert_outputs is not None else 0}
+    out = {}
+    for name in spec.names:
+        q = QUANTITIES[name]
+        per_token = np.prod([sizes[d] for d in q.dims if d not in ("sequence", "position", "query")])
+        out[name] = float(per_token * np.dtype(q.dtype).itemsize)
+    return out
 
 
 def create(path, variables: Mapping[str, Variable], coords: Mapping[str, np.ndarray], attrs: dict) -> zarr.Group:

@@ -223,3 +223,18 @@ def test_direct_chunk_writes_equal_zarrs_own(tmp_path, where):
     expected = mask_padding("router_logits", values["router_logits"][1:3] * 2, lengths[1:3], [0] * 4)
     np.testing.assert_array_equal(direct_arrays["router_logits"][1:3], expected)
     np.testing.assert_array_equal(direct_arrays["router_logits"][0], reference_arrays["router_logits"][0])
+
+
+def test_record_bytes_per_token_match_a_dump(tmp_path, tiny_model_dir, prompts_file):
+    from grokscope.config import TINY
+    from grokscope.store import record_bytes_per_token
+
+    spec = RecordSpec(attention=AttentionSpec(format="topk", k=3, layers=(1,)), residual=(0,), expert_outputs=(1,))
+    out = tmp_path / "sized.zarr"
+    dump(prompts_file, out, checkpoint=tiny_model_dir, record=spec, batch_size=2, max_len=64, progress=False)
+    group = zarr.open_group(str(out), mode="r")
+    positions = 5 * 64  # sequences x max_len: every position has its record, pads included
+    for name, per_token in record_bytes_per_token(TINY, spec, context=64).items():
+        assert group[name].nbytes == per_token * positions, name
+    full = record_bytes_per_token(TINY, RecordSpec(attention=AttentionSpec(format="full")), context=64)
+    assert full["attn_weights"] == TINY.num_layers * TINY.num_q_heads * 64 * 2
