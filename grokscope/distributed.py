@@ -55,6 +55,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise DistributedError(f"cannot join the job through {where} as process {process_id} of {num_processes} "
                                f"within {timeout_s} s ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                f"is process 0 running, and do all processes give the same --num-processes?") from None
+    if num_processes is not None and jax.process_count() != num_processes:
+        raise DistributedError(f"this process was given --num-processes {num_processes}, but the job process 0 "
+                               f"started at {coordinator} has {jax.process_count()} processes; give every process "
+                               f"the same --num-processes")
 
 
 def _wait_for(host: str, port: int, timeout_s: float, process_id: int, num_processes: int) -> None:

@@ -108,3 +108,18 @@ def test_bad_coordination_input_is_named(tmp_path):
                        text=True, timeout=180)
     assert r.returncode == 1 and "cannot join the job" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_mismatched_process_counts_are_named_and_leave_the_store_resumable(tmp_path, single):
+    out = tmp_path / "mismatch.zarr"
+    port = _free_port()
+    leader = _start(out, port, 0, 4, tmp_path / "m0.log")
+    follower = _start(out, port, 1, 4, tmp_path / "m1.log", extra=["--num-processes", "3"])  # the last one wins
+    assert follower.wait(timeout=180) == 1
+    log = (tmp_path / "m1.log").read_text()
+    assert "given --num-processes 3, but the job process 0 started" in log and "has 2 processes" in log
+    time.sleep(1)
+    os.killpg(leader.pid, signal.SIGKILL)  # left waiting for its partner
+    leader.wait()
+    _run_job(out, 4, tmp_path)  # the right command resumes or starts cleanly
+    _assert_same_store(out, single)
