@@ -102,10 +102,10 @@ def test_failed_write_leaves_the_store_resumable(tmp_path, tiny_model_dir, monke
 
     real = store.write_batch
 
-    def failing(arrays, values, row0, n_valid):
+    def failing(arrays, values, row0, n_valid, *rest):
         if row0 >= 6:
             raise OSError(28, "No space left on device")
-        return real(arrays, values, row0, n_valid)
+        return real(arrays, values, row0, n_valid, *rest)
 
     monkeypatch.setattr(store, "write_batch", failing)
     with pytest.raises(store.StoreError, match="No space left on device.*resumable"):
