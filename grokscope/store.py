@@ -2,8 +2,8 @@
 
 One store per dump, every array in the root group with `dimension_names`, so that
 `xarray.open_zarr(path)` alone opens everything. Arrays are pre-sized from the prompt count
-and filled by region; chunks along `sequence` equal the batch size, so writers never share a
-chunk. A batch's `done` flags are written only after all of its data, which is what makes
+and filled by region; chunks along `sequence` equal the batch size (in a multi-process job,
+the rows of a batch one process writes), so writers never share a chunk. A batch's `done` flags are written only after all of its data, which is what makes
 resuming exact: a batch that is not `done` is simply computed and written again.
 
 Schema (N sequences, P = max_len positions):
