@@ -15,8 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["DistributedError", "initialize", "process_index", "process_count", "barrier", "owned_rows",
-           "rows_per_writer"]
+__all__ = ["DistributedError", "initialize", "barrier", "owned_rows", "rows_per_writer"]
 
 
 class DistributedError(RuntimeError):
@@ -45,7 +44,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if process_id > 0:
             _wait_for(host, int(port), timeout_s, process_id, num_processes)
     platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms in ("", "cpu") or platforms.startswith("cpu"):
+    if platforms == "" or platforms.startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
@@ -79,18 +78,6 @@ def _wait_for(host: str, port: int, timeout_s: float, process_id: int, num_proce
                     f"coordinator {host}:{port} after {timeout_s} s ({e.strerror or e}); start process 0 there "
                     f"(it runs the coordinator), or fix --coordinator") from None
             time.sleep(0.5)
-
-
-def process_index() -> int:
-    import jax
-
-    return jax.process_index()
-
-
-def process_count() -> int:
-    import jax
-
-    return jax.process_count()
 
 
 def barrier(name: str) -> None:

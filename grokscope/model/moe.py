@@ -206,14 +206,11 @@ class MoELayer(hk.Module):
 
     def _dense(self, x, gates, index, w_gate_q, w_up_q, w_down_q):
         E = self.config.num_experts
-        w_gate = dequantize(w_gate_q, x.dtype)  # [E, D, F]
-        w_up = dequantize(w_up_q, x.dtype)  # [E, D, F]
-        w_down = dequantize(w_down_q, x.dtype)  # [E, F, D]
         # Gate of every expert: the top-k probability where selected, 0 elsewhere.
         dense_gates = jnp.einsum(
             "btk,btke->bte", gates.astype(x.dtype).astype(jnp.float32),
             jax.nn.one_hot(index, E, dtype=jnp.float32), precision=HIGHEST)  # [B, T, E]
 
-        out = _all_experts(x, w_gate, w_up, w_down)  # [B, T, E, D]
+        out = _all_experts(x, w_gate_q, w_up_q, w_down_q)  # [B, T, E, D]
         probe("expert_output", out)
         return jnp.einsum("bte,bted->btd", dense_gates, out, precision=HIGHEST)

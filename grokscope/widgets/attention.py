@@ -119,10 +119,7 @@ class AttentionExplorer(View):
         if self.matrix is None:
             return
         q = self.query.value
-        shapes = figures.attention_heatmap(self.matrix[:1, :1], self.pieces[:1], "", 0).layout.shapes
-        if shapes:
-            T = len(self.pieces)
-            self.heatmap.layout.shapes = [dict(shapes[0].to_plotly_json(), x1=T - 0.5, y0=q - 0.5, y1=q + 0.5)]
+        self.heatmap.layout.shapes = figures.query_frame(len(self.pieces), q)
         refresh(self.per_query, figures.query_figure(self.matrix, self.pieces, q))
 
     def select(self, layer: int | None = None, head: int | None | object = _KEEP, query: int | None = None):

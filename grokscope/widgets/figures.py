@@ -105,6 +105,20 @@ def routing_heatmap(r: SequenceRouting, layer: int | None = None, position: int 
                       tickfont=dict(size=11)),
         hovertemplate="token %{customdata[0]} (position %{customdata[1]})<br>layer %{y}<br>" + choices
                       + "<extra></extra>", name="first-choice expert"))
+    row = 28 if L <= 16 else 12
+    _layout(fig, routing_title(layer), height=max(120 + 18 * E, 150 + row * L),
+            shapes=routing_frames(r, layer, position),
+            xaxis=dict(title="token", **_token_axis(r.pieces)), yaxis=dict(title="layer", type="category"))
+    return fig
+
+
+def routing_title(layer: int | None) -> str:
+    return "first-choice expert per token and layer" + (f" (framed: layer {layer})" if layer is not None else "")
+
+
+def routing_frames(r: SequenceRouting, layer: int | None, position: int | None) -> list[dict]:
+    """The routing heatmap's frames: a box around `layer`'s row, a dotted one around `position`'s column."""
+    L, T = r.expert_index.shape[:2]
     shapes = []
     if layer is not None:
         li = int(np.flatnonzero(r.layers == layer)[0])
@@ -113,11 +127,15 @@ def routing_heatmap(r: SequenceRouting, layer: int | None = None, position: int 
     if position is not None:
         shapes.append(dict(type="rect", xref="x", yref="y", x0=position - 0.5, x1=position + 0.5, y0=-0.5,
                            y1=L - 0.5, line=dict(color="#222", width=2, dash="dot")))
-    title = "first-choice expert per token and layer" + (f" (framed: layer {layer})" if layer is not None else "")
-    row = 28 if L <= 16 else 12
-    _layout(fig, title, height=max(120 + 18 * E, 150 + row * L), shapes=shapes,
-            xaxis=dict(title="token", **_token_axis(r.pieces)), yaxis=dict(title="layer", type="category"))
-    return fig
+    return shapes
+
+
+def query_frame(T: int, query: int | None) -> list[dict]:
+    """The attention heatmap's frame around the row of `query` (none for None)."""
+    if query is None:
+        return []
+    return [dict(type="rect", xref="x", yref="y", x0=-0.5, x1=T - 0.5, y0=query - 0.5, y1=query + 0.5,
+                 line=dict(color="#E45756", width=2))]
 
 
 def token_html(r: SequenceRouting, layer: int, position: int | None = None) -> str:
@@ -194,12 +212,8 @@ def attention_heatmap(matrix: np.ndarray, pieces: Sequence[str], title: str, que
         zmax=top if top > 0 else 1,
         colorbar=dict(title=dict(text="weight"), thickness=14),
         hovertemplate="query %{y} %{customdata[0]}<br>key %{x} %{customdata[1]}<br>weight %{z:.3f}<extra></extra>"))
-    shapes = []
-    if query is not None:
-        shapes.append(dict(type="rect", xref="x", yref="y", x0=-0.5, x1=T - 0.5, y0=query - 0.5, y1=query + 0.5,
-                           line=dict(color="#E45756", width=2)))
     size = min(720, max(320, 120 + 14 * T))
-    _layout(fig, title, height=size, shapes=shapes,
+    _layout(fig, title, height=size, shapes=query_frame(T, query),
             xaxis=dict(title="key", **_token_axis(pieces, 60)),
             yaxis=dict(title="query", autorange="reversed", **{**_token_axis(pieces, 60), "tickangle": 0}))
     return fig

@@ -106,10 +106,9 @@ class RoutingExplorer(View):
     def _draw_layer(self):
         if self.routing is None:
             return
-        fig = figures.routing_heatmap(self.routing, self.layer.value, self.position.value)
         with self.heatmap.batch_update():
-            self.heatmap.layout.shapes = fig.layout.shapes
-            self.heatmap.layout.title.text = fig.layout.title.text
+            self.heatmap.layout.shapes = figures.routing_frames(self.routing, self.layer.value, self.position.value)
+            self.heatmap.layout.title.text = figures.routing_title(self.layer.value)
         self.text.value = figures.token_html(self.routing, self.layer.value, self.position.value)
         self._draw_next_token()
 
@@ -137,8 +136,7 @@ class RoutingExplorer(View):
     def _draw_position(self):
         if self.routing is None:
             return
-        fig = figures.routing_heatmap(self.routing, self.layer.value, self.position.value)
-        self.heatmap.layout.shapes = fig.layout.shapes
+        self.heatmap.layout.shapes = figures.routing_frames(self.routing, self.layer.value, self.position.value)
         self.text.value = figures.token_html(self.routing, self.layer.value, self.position.value)
         refresh(self.probs, figures.token_probs_figure(self.routing, self.position.value))
         self._draw_next_token()
