@@ -169,13 +169,20 @@ def forward(params: dict, config: ModelConfig, tokens, record: RecordSpec = Reco
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"forward: tokens must be an int array [batch, seq], got {tokens.dtype}{list(tokens.shape)}")
+    if 0 in tokens.shape:
+        raise ValueError(f"forward: tokens must hold at least one sequence of at least one token, "
+                         f"got shape {list(tokens.shape)}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
         raise ValueError(f"forward: token ids must lie in [0, {config.vocab_size}), "
                          f"got [{tokens.min()}, {tokens.max()}]")
     tokens = tokens.astype(np.int32)
     if positions is None:
         positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-    positions = np.asarray(positions, dtype=np.int32)
+    positions = np.asarray(positions)
+    if positions.shape != tokens.shape or not np.issubdtype(positions.dtype, np.integer):
+        raise ValueError(f"forward: positions must be an int array shaped like tokens {list(tokens.shape)}, "
+                         f"got {positions.dtype}{list(positions.shape)}")
+    positions = positions.astype(np.int32)
     fn = jitted_forward(config, record, compute_dtype, moe_dispatch, tuple(interventions))
     if mesh is None:
         return ForwardOutput(*fn(params, tokens, positions))

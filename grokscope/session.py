@@ -134,6 +134,7 @@ class Session:
         if not texts:
             raise ValueError("Session.run: no prompts")
         record = record or self.record
+        _check_metadata(metadata, len(texts))
         ids = encode_prompts(self.tokenizer, texts, self.config.sequence_len, truncate=None,
                              lines=list(range(1, len(texts) + 1)), source="Session.run")
         max_len = max(1, max(len(i) for i in ids))
@@ -201,7 +202,7 @@ class Session:
 
         if max_new_tokens < 1:
             raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
+        if not (np.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
             raise ValueError(f"generate: temperature must be >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         record = record or self.record
         ids = list(self.tokenizer.encode(prompt))
@@ -248,6 +249,27 @@ class Session:
         ds = self._dataset([prompt + text], [all_ids], np.asarray([all_ids]), outputs, record, extra=extra)
         return Generation(text=text, prompt=prompt, token_ids=all_ids, prompt_length=len(ids),
                           logits=np.stack(step_logits), dataset=ds)
+
+
+def _check_metadata(metadata: dict | None, n: int) -> None:
+    """Raises ValueError unless `metadata` maps safe names to one str/number/bool per prompt."""
+    from grokscope.store import RESERVED_NAMES
+
+    for name, values in (metadata or {}).items():
+        if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name \
+                or name in RESERVED_NAMES or name == "generated":
+            raise ValueError(f"Session.run: metadata name {name!r} is not allowed (empty, reserved by the store, "
+                             f"or not a plain name)")
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+            raise ValueError(f"Session.run: metadata[{name!r}]: expected one value per prompt ({n}), "
+                             f"got {type(values).__name__}")
+        if len(values) != n:
+            raise ValueError(f"Session.run: metadata[{name!r}]: expected {n} values (one per prompt), "
+                             f"got {len(values)}")
+        bad = [v for v in values if not isinstance(v, (str, int, float, bool, np.integer, np.floating, np.bool_))]
+        if bad:
+            raise ValueError(f"Session.run: metadata[{name!r}]: values must be strings, numbers or booleans, "
+                             f"got {type(bad[0]).__name__}")
 
 
 def _choose(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:

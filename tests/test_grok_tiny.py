@@ -2,9 +2,8 @@
 
 Everything is computed here from the shipped weights, tokenizer and held-out example prompts
 (plus the training split, rebuilt from this interpreter's standard library, for the unigram
-baseline); no figure from the training run is taken as given except in
-`test_training_run_measured_int8_close_to_float`, which checks what the run itself measured
-(the float weights are not shipped).
+baseline); no figure from the training run is taken as given (the run's own int8-vs-float
+comparison stays in metrics.json and the model card: the float weights are not shipped).
 """
 
 import json
@@ -72,7 +71,9 @@ def test_split_rule():
     names = [f"code:pkg/module_{i}.py" for i in range(2000)]
     held = [n for n in names if corpus.split_of(n) == "heldout"]
     assert 0.07 < len(held) / len(names) < 0.13
-    assert [corpus.split_of(n) for n in names[:50]] == [corpus.split_of(n) for n in names[:50]]
+    # Pinned: the split must not move between versions or processes (a moved split would
+    # leak held-out documents into training).
+    assert [i for i in range(12) if corpus.split_of(names[i]) == "heldout"] == [2, 5, 7, 11]
     assert corpus.split_of("prose:licenses/GPL-3") == "train"
 
 
@@ -102,10 +103,3 @@ def test_routing_is_neither_collapsed_nor_domain_blind(bundle, example_eval):
     assert max(summary["max_fold"]) >= 2.0, f"largest code/prose share fold per layer: {summary['max_fold']}"
     entropy = np.asarray(summary["entropy"])
     assert np.all(entropy < 0.99), f"router entropy / ln E per layer: {entropy}"
-
-
-def test_training_run_measured_int8_close_to_float():
-    metrics = json.loads((ASSET_DIR / "metrics.json").read_text())
-    ev = metrics["eval"]
-    assert abs(ev["int8"]["all"] / ev["float"]["all"] - 1) <= 0.02
-    assert metrics["config"] == GROK_TINY.to_dict()

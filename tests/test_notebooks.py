@@ -19,16 +19,14 @@ from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+import nbclient  # noqa: E402  (dev dependencies: pip install -e .[dev])
+import nbformat  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 EXPECTED = ["01_quickstart.ipynb", "02_attention.ipynb", "03_batch_dump_and_analysis.ipynb",
             "04_grok1_on_a_gpu_cluster.ipynb",
             "05_interventions.ipynb"]
-# Wall-clock budget per notebook (the target is under 60 s on a 2-core CPU); GROKSCOPE_NOTEBOOK_BUDGET_S overrides.
-BUDGET_S = float(os.environ.get("GROKSCOPE_NOTEBOOK_BUDGET_S", "120"))
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _DISPLAY = ("display_data", "execute_result")
 
@@ -76,4 +74,3 @@ def test_notebook_runs(path: Path, tmp_path, monkeypatch):
         if cell.cell_type == "code" and "figure" in cell.metadata.get("tags", []):
             shown = [o for o in cell.get("outputs", []) if o.get("output_type") in _DISPLAY]
             assert shown, f"{path.name}: cell {index} should show a figure but has no display output:\n{cell.source}"
-    assert elapsed < BUDGET_S, f"{path.name} took {elapsed:.0f} s, over the {BUDGET_S:.0f} s budget"

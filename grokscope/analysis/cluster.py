@@ -17,17 +17,18 @@ from __future__ import annotations
 __all__ = ["connect"]
 
 
-def connect(scheduler):
+def connect(scheduler, timeout: float = 30):
     """A `dask.distributed.Client` for `scheduler` (an address such as "tcp://host:8786", a
-    cluster object, or a Client), made the default for every dask computation that follows."""
+    cluster object, or a Client), made the default for every dask computation that follows.
+    `timeout`: seconds to wait for the scheduler before giving up."""
     from dask.distributed import Client
 
     if isinstance(scheduler, Client):
         client = scheduler
     else:
         try:
-            client = Client(scheduler, timeout=30)
+            client = Client(scheduler, timeout=timeout)
         except OSError as e:
-            raise ValueError(f"--scheduler {scheduler!r}: cannot reach the dask scheduler ({e})") from None
+            raise ValueError(f"--scheduler {scheduler!r}: cannot reach the dask scheduler within {timeout:g} s ({e})") from None
     client.as_current()
     return client
