@@ -50,6 +50,18 @@ class ModelConfig:
       pad_token: token id treated as padding (masked as an attention key).
       eos_token: end-of-sequence token id.
       sequence_len: the longest context the model was configured for.
+
+    Architecture (how Grok variants differ; the defaults are Grok-1's):
+      attn_logit_softcap: attention logits become cap * tanh(logits / cap) (None: no cap).
+      attn_temperature_len: L > 0 multiplies the capped logits of a query at 0-based position
+        q > L by log2(q) / log2(L) (None: never).
+      router_logit_softcap: the same cap on the router logits, before the softmax (None: none).
+      final_logit_softcap: the same cap on the output logits (None: none).
+      rope_theta: the rotary base.
+      norm_eps: the RMSNorms' epsilon.
+      gelu: "tanh" (the tanh approximation) or "erf" (exact) in the experts' GeGLU.
+      logits_dtype: the dtype the output logits are rounded through ("bfloat16" in Grok-1's
+        release; "float32": not rounded).
     """
 
     emb_size: int
@@ -67,6 +79,14 @@ class ModelConfig:
     pad_token: int = 0
     eos_token: int = 2
     sequence_len: int = 8192
+    attn_logit_softcap: float | None = 30.0
+    attn_temperature_len: int | None = None
+    router_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    gelu: str = "tanh"
+    logits_dtype: str = "bfloat16"
 
     def __post_init__(self):
         positive = ("emb_size", "key_size", "num_q_heads", "num_kv_heads", "num_layers",
@@ -88,6 +108,23 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.num_selected_experts: expected at most num_experts={self.num_experts}, "
                 f"got {self.num_selected_experts}")
+        for name in ("attn_logit_softcap", "router_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"ModelConfig.{name}: expected None or a positive number, got {value!r}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"ModelConfig.{name}: expected a positive number, got {value!r}")
+        value = self.attn_temperature_len
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+            raise ValueError(f"ModelConfig.attn_temperature_len: expected None or an int >= 2, got {value!r}")
+        if self.gelu not in ("tanh", "erf"):
+            raise ValueError(f"ModelConfig.gelu: expected 'tanh' or 'erf', got {self.gelu!r}")
+        if self.logits_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"ModelConfig.logits_dtype: expected 'bfloat16' or 'float32', got {self.logits_dtype!r}")
         for name in ("pad_token", "eos_token"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:

@@ -13,6 +13,11 @@ def test_grok1_preset_holds_the_release_values():
         "vocab_size": 131072, "widening_factor": 8, "attn_output_multiplier": 0.08838834764831845,
         "num_experts": 8, "num_selected_experts": 2, "embedding_multiplier_scale": 78.38367176906169,
         "output_multiplier_scale": 0.5773502691896257, "pad_token": 0, "eos_token": 2, "sequence_len": 8192,
+        # the architecture as the release's code has it: a 30 tanh cap on attention logits, no
+        # router or final cap, RoPE base 10000, eps 1e-5, tanh GELU, bfloat16 logits
+        "attn_logit_softcap": 30.0, "attn_temperature_len": None, "router_logit_softcap": None,
+        "final_logit_softcap": None, "rope_theta": 10000.0, "norm_eps": 1e-5, "gelu": "tanh",
+        "logits_dtype": "bfloat16",
     }
     assert GROK_1.ffn_size == 32768
 
@@ -59,3 +64,16 @@ def test_from_official_rejects_unknown_fields():
                 "vocab_size": 131072, "mystery": 3}
     with pytest.raises(ValueError, match="mystery"):
         ModelConfig.from_official(official)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("attn_logit_softcap", 0.0, "expected None or a positive number, got 0.0"),
+    ("final_logit_softcap", float("inf"), "expected None or a positive number, got inf"),
+    ("rope_theta", -1.0, "expected a positive number, got -1.0"),
+    ("attn_temperature_len", 1, "expected None or an int >= 2, got 1"),
+    ("gelu", "relu", "expected 'tanh' or 'erf', got 'relu'"),
+    ("logits_dtype", "float16", "expected 'bfloat16' or 'float32', got 'float16'"),
+])
+def test_architecture_fields_are_validated_by_name(field, value, message):
+    with pytest.raises(ValueError, match=rf"ModelConfig.{field}: {message}"):
+        dataclasses.replace(GROK_1, **{field: value})

@@ -26,16 +26,17 @@ class DecoderLayer(hk.Module):
 
     def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array, cache=None):
         """h [B, T, D] -> h; with a `cache` (see MultiHeadAttention), (h, (keys, values))."""
-        attn = MultiHeadAttention(self.config, self.interventions)(RMSNorm(name="rms_norm")(h), mask, positions,
+        eps = self.config.norm_eps
+        attn = MultiHeadAttention(self.config, self.interventions)(RMSNorm(eps, name="rms_norm")(h), mask, positions,
                                                                     cache)
         if cache is not None:
             attn, new_cache = attn
-        h = h + RMSNorm(name="rms_norm_1")(attn)
-        x = RMSNorm(name="rms_norm_2")(h)
+        h = h + RMSNorm(eps, name="rms_norm_1")(attn)
+        x = RMSNorm(eps, name="rms_norm_2")(h)
         router_logits, probs = Router(self.config)(x)
         probe("router_logits", router_logits)
         moe_out = MoELayer(self.config, self.moe_dispatch, self.interventions)(x, probs, positions)
-        h = h + RMSNorm(name="rms_norm_3")(moe_out)
+        h = h + RMSNorm(eps, name="rms_norm_3")(moe_out)
         probe("residual", h)
         return (h, new_cache) if cache is not None else h
 

@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 
 from grokscope.config import ModelConfig
+from grokscope.model.attention import softcap
 from grokscope.model.decoder import Transformer
 from grokscope.model.linear import HIGHEST
 from grokscope.model.norm import RMSNorm
@@ -72,10 +73,11 @@ class LanguageModel(hk.Module):
             mask = (rows[None, None, :] <= (start + jnp.arange(T))[None, :, None]) & valid[:, None, :]
             h, (keys, values) = transformer(h, mask, positions, (cache["keys"], cache["values"], start))
             cache = {"keys": keys, "values": values, "valid": valid, "length": start + T}
-        h = RMSNorm(name="rms_norm")(h)
+        h = RMSNorm(c.norm_eps, name="rms_norm")(h)
         logits = embed.decode(h) * as_activation_constant(c.output_multiplier_scale)
-        # The release's logits are bfloat16.
-        logits = logits.astype(jnp.bfloat16).astype(jnp.float32)
+        logits = softcap(logits.astype(jnp.float32), c.final_logit_softcap)
+        # Grok-1's release returns bfloat16 logits.
+        logits = logits.astype(c.logits_dtype).astype(jnp.float32)
         return logits if cache is None else (logits, cache)
 
 

@@ -1,12 +1,13 @@
 """The router and the mixture-of-experts feed-forward block of Grok-1.
 
 Algorithm:
-  1. router_logits = float32(x) @ router.w  (float32, no bias, no noise, no cap);
+  1. router_logits = float32(x) @ router.w  (float32, no bias, no noise; capped by
+     `router_logit_softcap` when the config has one, as Grok-2 does: no cap in Grok-1);
      probs = softmax over *all* experts.
   2. (expert_gate, expert_index) = top_k(probs, k): ties go to the lower index; the gates are
      the raw probabilities, *not* renormalised.
   3. each selected expert e computes linear_1[e]( gelu(x @ linear[e]) * (x @ linear_v[e]) ),
-     with tanh-approximate GELU; the outputs are weighted by their gates and summed in
+     with the config's GELU (tanh approximation in Grok-1); the outputs are weighted by their gates and summed in
      float32, then cast to the activation dtype.
 Pad tokens are routed like any other token, as in the release.
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 
 from grokscope.config import ModelConfig
 from grokscope.interventions import apply_routing
+from grokscope.model.attention import softcap
 from grokscope.model.linear import HIGHEST, fan_in_init
 from grokscope.quant import QuantizedWeight8bit, dequantize
 from grokscope.record import probe
@@ -47,6 +49,7 @@ class Router(hk.Module):
         w = hk.get_parameter("w", [x.shape[-1], self.config.num_experts], jnp.float32,
                              init=fan_in_init(2.0))
         logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), w.astype(jnp.float32), precision=HIGHEST)
+        logits = softcap(logits, self.config.router_logit_softcap)
         return logits, jax.nn.softmax(logits, axis=-1)
 
 
@@ -99,15 +102,19 @@ def _sorted_assignments(index: jax.Array, num_experts: int):
     return tokens, experts[order], order, counts
 
 
-def _ffn(rows, w_gate, w_up, w_down, dtype):
+def _gelu(x: jax.Array, variant: str) -> jax.Array:
+    return jax.nn.gelu(x, approximate=variant == "tanh")
+
+
+def _ffn(rows, w_gate, w_up, w_down, dtype, gelu: str):
     """One expert's GeGLU on rows [M, D] (weights already this expert's)."""
     h_gate = jnp.dot(rows, dequantize(w_gate, dtype), precision=HIGHEST).astype(jnp.float32)
     h_up = jnp.dot(rows, dequantize(w_up, dtype), precision=HIGHEST).astype(jnp.float32)
-    hidden = jax.nn.gelu(h_gate, approximate=True) * h_up
+    hidden = _gelu(h_gate, gelu) * h_up
     return jnp.dot(hidden, dequantize(w_down, dtype).astype(jnp.float32), precision=HIGHEST)
 
 
-def grouped_experts(xs, counts, w_gate, w_up, w_down, block: int):
+def grouped_experts(xs, counts, w_gate, w_up, w_down, block: int, gelu: str = "tanh"):
     """Rows xs [R, D] sorted by expert (counts [E] rows each) through their experts.
 
     A loop over experts (each expert's weights sliced and dequantised once) and, inside,
@@ -129,7 +136,7 @@ def grouped_experts(xs, counts, w_gate, w_up, w_down, block: int):
             b, out = carry
             row = start + b * block
             rows = jax.lax.dynamic_slice_in_dim(padded, row, block)
-            y = _ffn(rows, wg, wu, wd, dtype)
+            y = _ffn(rows, wg, wu, wd, dtype, gelu)
             return b + 1, jax.lax.dynamic_update_slice_in_dim(out, y, row, axis=0)
 
         _, out = jax.lax.while_loop(lambda c: c[0] * block < count, block_body, (jnp.int32(0), out))
@@ -139,21 +146,21 @@ def grouped_experts(xs, counts, w_gate, w_up, w_down, block: int):
     return out[:R]
 
 
-def ragged_experts(xs, counts, w_gate, w_up, w_down):
+def ragged_experts(xs, counts, w_gate, w_up, w_down, gelu: str = "tanh"):
     """Rows xs [R, D] sorted by expert through their experts with `jax.lax.ragged_dot`."""
     dtype = xs.dtype
     h_gate = jax.lax.ragged_dot(xs, dequantize(w_gate, dtype), counts, precision=HIGHEST).astype(jnp.float32)
     h_up = jax.lax.ragged_dot(xs, dequantize(w_up, dtype), counts, precision=HIGHEST).astype(jnp.float32)
-    hidden = jax.nn.gelu(h_gate, approximate=True) * h_up
+    hidden = _gelu(h_gate, gelu) * h_up
     return jax.lax.ragged_dot(hidden, dequantize(w_down, dtype).astype(jnp.float32), counts, precision=HIGHEST)
 
 
-def _all_experts(x, w_gate, w_up, w_down):
+def _all_experts(x, w_gate, w_up, w_down, gelu: str):
     """Every expert's GeGLU output for every token: x [B, T, D] -> [B, T, E, D] float32."""
     w_gate, w_up, w_down = (dequantize(w, x.dtype) for w in (w_gate, w_up, w_down))
     h_gate = jnp.einsum("btd,edf->btef", x, w_gate, precision=HIGHEST).astype(jnp.float32)  # [B, T, E, F]
     h_up = jnp.einsum("btd,edf->btef", x, w_up, precision=HIGHEST).astype(jnp.float32)
-    hidden = jax.nn.gelu(h_gate, approximate=True) * h_up
+    hidden = _gelu(h_gate, gelu) * h_up
     return jnp.einsum("btef,efd->bted", hidden, w_down.astype(jnp.float32), precision=HIGHEST)
 
 
@@ -189,15 +196,15 @@ class MoELayer(hk.Module):
             return out.astype(x.dtype)
         # What every expert would output: computed only when recorded (otherwise the value is
         # unused and compiled away).
-        probe("expert_output", _all_experts(x, w_gate_q, w_up_q, w_down_q))
+        probe("expert_output", _all_experts(x, w_gate_q, w_up_q, w_down_q, c.gelu))
         B, T, k = index.shape
         tokens, _, order, counts = _sorted_assignments(index.reshape(B * T, k), E)
         flat = x.reshape(B * T, D)
         xs = jnp.take(flat, tokens, axis=0)  # [N k, D], sorted by expert
         if self.dispatch == "grouped":
-            ys = grouped_experts(xs, counts, w_gate_q, w_up_q, w_down_q, _block_rows(B * T * k, E))
+            ys = grouped_experts(xs, counts, w_gate_q, w_up_q, w_down_q, _block_rows(B * T * k, E), c.gelu)
         else:
-            ys = ragged_experts(xs, counts, w_gate_q, w_up_q, w_down_q)
+            ys = ragged_experts(xs, counts, w_gate_q, w_up_q, w_down_q, c.gelu)
         # Gates rounded through the activation dtype, as the dense path's one-hot product is.
         row_gates = gates.astype(x.dtype).astype(jnp.float32).reshape(-1)[order]
         out = jnp.zeros((B * T, D), jnp.float32).at[tokens].add(ys * row_gates[:, None]).reshape(B, T, D)
@@ -211,6 +218,6 @@ class MoELayer(hk.Module):
             "btk,btke->bte", gates.astype(x.dtype).astype(jnp.float32),
             jax.nn.one_hot(index, E, dtype=jnp.float32), precision=HIGHEST)  # [B, T, E]
 
-        out = _all_experts(x, w_gate_q, w_up_q, w_down_q)  # [B, T, E, D]
+        out = _all_experts(x, w_gate_q, w_up_q, w_down_q, self.config.gelu)  # [B, T, E, D]
         probe("expert_output", out)
         return jnp.einsum("bte,bted->btd", dense_gates, out, precision=HIGHEST)

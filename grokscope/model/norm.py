@@ -1,4 +1,4 @@
-"""RMSNorm as in Grok-1: fp32 inside, eps 1e-5, plain `scale` (not 1 + scale)."""
+"""RMSNorm as in Grok-1: fp32 inside, eps from the config (1e-5), plain `scale` (not 1 + scale)."""
 
 from __future__ import annotations
 
