@@ -8,7 +8,6 @@ or on a mesh.
 from __future__ import annotations
 
 import functools
-import re
 from typing import Callable, NamedTuple
 
 import haiku as hk
@@ -18,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from grokscope.config import ModelConfig
+from grokscope.layout import ParamShape, is_quantizable, param_shapes, release_scale_blocks
 from grokscope.model import forward_fn
 from grokscope.quant import quantize
 from grokscope.record import RecordSpec, collect, record_filter
@@ -27,29 +27,6 @@ __all__ = ["ParamShape", "param_shapes", "is_quantizable", "release_scale_blocks
            "jitted_decoder",
            "make_forward", "jitted_forward", "forward", "ForwardOutput"]
 
-_QUANTIZABLE = re.compile(r"(multi_head_attention/(query|key|value|linear)|moe/(linear|linear_v|linear_1))/w$")
-_INPUT_SHARDED = re.compile(r"(multi_head_attention/linear|moe/linear_1)/w$")
-
-
-class ParamShape(NamedTuple):
-    """Stored shape and dtype of one checkpoint tensor (int8 for quantized weights)."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-
-def is_quantizable(path: str) -> bool:
-    """Whether the release stores the parameter at `path` as a QuantizedWeight8bit."""
-    return _QUANTIZABLE.search(path) is not None
-
-
-def release_scale_blocks(path: str, shape: tuple[int, ...]) -> int:
-    """Scale blocks the release uses: 8 where the input dim is model-sharded, else 1."""
-    if _INPUT_SHARDED.search(path) and shape[-2] % 8 == 0:
-        return 8
-    return 1
-
-
 def _transformed(config: ModelConfig, spec: RecordSpec, compute_dtype: str = "float32",
                  moe_dispatch: str = "sparse", interventions: tuple = ()):
     def fn(tokens, positions):
@@ -57,21 +34,6 @@ def _transformed(config: ModelConfig, spec: RecordSpec, compute_dtype: str = "fl
             return forward_fn(config, tokens, positions, compute_dtype, moe_dispatch, interventions)
 
     return hk.transform_with_state(fn)
-
-
-def param_shapes(config: ModelConfig) -> dict[str, ParamShape]:
-    """`{"module/path/name": ParamShape}` in checkpoint order, computed without memory."""
-    f = _transformed(config, RecordSpec(routing=False))
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    params, _ = jax.eval_shape(f.init, jax.random.PRNGKey(0), tokens, tokens)
-    shapes = {}
-    for module in sorted(params):
-        for name in sorted(params[module]):
-            path = f"{module}/{name}"
-            leaf = params[module][name]
-            dtype = np.dtype(np.int8) if is_quantizable(path) else np.dtype(leaf.dtype)
-            shapes[path] = ParamShape(tuple(leaf.shape), dtype)
-    return shapes
 
 
 def init_params(config: ModelConfig, seed: int = 0, quantized: bool = True) -> dict:

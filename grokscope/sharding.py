@@ -1,6 +1,6 @@
 """Device mesh and the release's placement of every parameter on it.
 
-The mesh has axes ("data", "model"). The partition rules are the release's: attention
+The mesh has axes ("data", "model"). The partition rules (`grokscope.layout`) are the release's: attention
 q/k/v and MoE `linear`/`linear_v` split their input dim on `data` and output dim on
 `model`; the attention output projection and MoE `linear_1` the other way round; the
 embedding table splits its width over both axes; norms and routers are replicated.
@@ -13,28 +13,19 @@ whatever `n_blocks` is.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from grokscope.layout import partition_spec
 from grokscope.quant import QuantizedWeight8bit
 
 __all__ = ["make_mesh", "partition_spec", "param_sharding", "shard_params", "batch_sharding",
            "constrain"]
 
 AXES = ("data", "model")
-
-_RULES: list[tuple[re.Pattern, tuple]] = [
-    (re.compile(r"multi_head_attention/(query|key|value)/w$"), ("data", "model")),
-    (re.compile(r"multi_head_attention/linear/w$"), ("model", "data")),
-    (re.compile(r"moe/(linear|linear_v)/w$"), (None, "data", "model")),
-    (re.compile(r"moe/linear_1/w$"), (None, "model", "data")),
-    (re.compile(r"in_out_embed/embeddings$"), (None, ("data", "model"))),
-]
-
 
 def make_mesh(data: int = 1, model: int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ("data", "model") mesh over the first data*model devices.
@@ -67,14 +58,6 @@ def _fit(spec: tuple, shape: Sequence[int], mesh) -> P:
                 product *= n
         fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return P(*fitted)
-
-
-def partition_spec(path: str, shape: Sequence[int]) -> tuple:
-    """The release's logical spec for the parameter at `path` (before fitting to a mesh)."""
-    for pattern, spec in _RULES:
-        if pattern.search(path):
-            return spec
-    return (None,) * len(shape)
 
 
 def param_sharding(path: str, value: Any, mesh: Mesh):
