@@ -2,16 +2,22 @@
 
 Writes a synthetic checkpoint in the release's layout (int8 expert and attention weights
 with bf16 scales, f32 embeddings/norms/routers) of about --size-gb, then loads it in a
-fresh process two ways and reports each process's load throughput (GB/s) and peak RSS
+fresh process per load and reports each way's load throughput (GB/s) and peak RSS
 (ru_maxrss), against the bound checkpoint size + 2 x the largest tensor:
 
   streamed: grokscope.load_params (tensor by tensor, validated, placed as read)
+  hashed:   the same with digests={} (each file's xxh3_128 computed as it is read)
   naive:    read every tensor into host memory first, then device_put the whole tree
+
+streamed and hashed run --repeat times each, alternately (the table shows each one's
+fastest run); the cost of hashing is given in wall-clock and in CPU time (all the load's
+threads; the steadier on a busy machine), each as the median over those pairs of hashed /
+streamed and as the ratio of the least times.
 
 On a CPU backend the loaded parameters live in host memory, so the floor is about
 1x the checkpoint; on an accelerator the parameters leave host memory as they are placed.
 
-    python benchmarks/load.py --size-gb 3 [--device gpu] [--dir /tmp/bench-ckpt]
+    python benchmarks/load.py --size-gb 3 [--device gpu] [--dir /tmp/bench-ckpt] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,9 +42,13 @@ from grokscope.checkpoint import read_tensor, tensor_path, check_tensor
 from grokscope.forward import param_shapes
 config = ModelConfig.from_dict(json.loads(sys.argv[3]))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 if sys.argv[2] == "streamed":
     params = load_params(sys.argv[1], config)
+elif sys.argv[2] == "hashed":
+    digests = {}
+    params = load_params(sys.argv[1], config, digests=digests)
+    assert len(digests) == len(param_shapes(config))
 else:
     shapes = param_shapes(config)
     host = {}
@@ -47,9 +58,9 @@ else:
         host[path] = v
     params = jax.device_put(host, jax.devices()[0])
 jax.block_until_ready(params)
-seconds = time.perf_counter() - t0
+seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"baseline_rss": base, "peak_rss": peak, "seconds": seconds,
+print(json.dumps({"baseline_rss": base, "peak_rss": peak, "seconds": seconds, "cpu_seconds": cpu_seconds,
                   "platform": jax.devices()[0].platform}))
 """
 
@@ -92,6 +103,7 @@ def main() -> None:
     parser.add_argument("--size-gb", type=float, default=3.0)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--dir", help="checkpoint directory (kept; default a temp dir, removed)")
+    parser.add_argument("--repeat", type=int, default=3, help="loads with and without hashing, each (default 3)")
     parser.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -110,12 +122,21 @@ def main() -> None:
     size = sum(f.stat().st_size for f in (directory / "ckpt-0").iterdir())
     env = {**os.environ, "JAX_PLATFORMS": args.device if args.device == "cpu" else "cuda"}
     env.pop("XLA_FLAGS", None)
-    results = {}
-    for mode in ("streamed", "naive"):
+
+    def load(mode: str) -> dict:
         out = subprocess.run([sys.executable, "-c", _CHILD, str(directory), mode,
                               json.dumps(dataclasses.asdict(config))],
-                             capture_output=True, text=True, env=env, check=True)
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+                             capture_output=True, text=True, env=env)
+        if out.returncode:
+            sys.exit(f"the {mode} load failed (exit status {out.returncode}):\n{out.stderr[-4000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    runs: dict[str, list[dict]] = {"streamed": [], "hashed": [], "naive": []}
+    for _ in range(max(1, args.repeat)):
+        for mode in ("streamed", "hashed"):
+            runs[mode].append(load(mode))
+    runs["naive"].append(load("naive"))
+    results = {mode: min(rs, key=lambda r: r["seconds"]) for mode, rs in runs.items()}
     gb = 1e9
     print(f"checkpoint: {size / gb:.2f} GB in {config.num_layers + 2} layers' worth of files "
           f"({len(list((directory / 'ckpt-0').iterdir()))} tensors), platform {results['streamed']['platform']}")
@@ -131,6 +152,12 @@ def main() -> None:
     s, n = results["streamed"], results["naive"]
     print(f"ratio streamed/naive peak RSS above baseline: "
           f"{(s['peak_rss'] - s['baseline_rss']) / (n['peak_rss'] - n['baseline_rss']):.2f}")
+    for what, key in (("load time", "seconds"), ("CPU time", "cpu_seconds")):
+        ratios = sorted(h[key] / p[key] for p, h in zip(runs["streamed"], runs["hashed"]))
+        fastest = min(r[key] for r in runs["hashed"]) / min(r[key] for r in runs["streamed"])
+        print(f"hashing (xxh3_128 while loading), hashed/streamed {what}: {statistics.median(ratios):.3f} "
+              f"(median of {len(ratios)} alternating pairs: {', '.join(f'{r:.3f}' for r in ratios)}); "
+              f"least hashed / least streamed {fastest:.3f}")
     if not args.dir:
         import shutil
 

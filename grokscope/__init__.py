@@ -9,6 +9,7 @@ The public API:
   forward(params, config, tokens, record, mesh)  -> .logits, .record
   Session                   a loaded model; session.run(text) -> xarray.Dataset
   dump(prompts, out, ...)   prompts -> zarr store (resumable); open_store(path_or_url) -> xarray.Dataset
+  verify_store(path_or_url, deep=False)  the problems of a damaged store, each naming its array and chunk
   interventions             ban / zero / force / swap / renormalise / ablate_head, for forward(..., interventions=)
   effects(session, prompts, interventions)  per-position change of loss, KL, top-1 and routing
 """
@@ -18,19 +19,19 @@ from grokscope.config import GROK_1, GROK_TINY, PRESETS, SMALL, TINY, ModelConfi
 from grokscope.forward import ForwardOutput, forward, init_params, make_forward, param_shapes
 from grokscope.quant import QuantizedWeight8bit
 from grokscope.dump import DumpError, dump
-from grokscope.effects import effects
+from grokscope.effects import effects, effects_baseline
 from grokscope import interventions
 from grokscope.record import AttentionSpec, RecordSpec
 from grokscope.session import Session
-from grokscope.store import StoreError, open_store, token_pieces
+from grokscope.store import StoreError, open_store, token_pieces, verify_store
 from grokscope.sharding import make_mesh
 from grokscope.tokenizer import Tokenizer
 
-__version__ = "0.1.0"
+from grokscope._version import __version__
 
 __all__ = [
-    "AttentionSpec", "DumpError", "Session", "StoreError", "dump", "effects", "interventions", "open_store",
-    "token_pieces",
+    "AttentionSpec", "DumpError", "Session", "StoreError", "dump", "effects", "effects_baseline", "interventions", "open_store",
+    "token_pieces", "verify_store",
     "CheckpointError", "ForwardOutput", "GROK_1", "GROK_TINY", "ModelConfig", "PRESETS", "QuantizedWeight8bit",
     "RecordSpec", "SMALL", "TINY", "Tokenizer", "forward", "init_params", "load_config",
     "load_params", "make_forward", "make_mesh", "param_shapes", "save_params",

@@ -7,9 +7,17 @@ Each file is a pickle (protocol 4) of a numpy array, or of a `QuantizedWeight8bi
 class the file names `__main__.QuantizedWeight8bit`.
 
 Files are read with an unpickler that admits only numpy arrays and dtypes (bfloat16 included)
-and that one class; nothing else in a file is looked up, let alone executed. Every tensor is
-checked against `param_shapes(config)` and placed on the mesh as soon as it is read, in
-parallel, so host memory holds only the tensors in flight.
+and that one class; nothing else in a file is looked up, let alone executed, and pickled state
+is applied only to the objects the unpickler itself created. Only regular files are opened
+(a directory, FIFO, socket or device in a tensor's place is refused, without blocking). Every
+tensor is checked against `param_shapes(config)` and placed on the mesh as soon as it is read,
+in parallel, so host memory holds only the tensors in flight.
+
+Content digests: `load_params(..., digests={})` also hashes each file's bytes (xxh3_128,
+`DIGEST_ALGORITHM`) as they are read, whole file included, in the same pass; the digest equals
+`xxhash.xxh3_128(file.read_bytes()).hexdigest()`. `combine_digests` folds them into one, and
+`first_difference` names the first parameter whose digest differs. `checkpoint_identity`
+(names and sizes only) stays the cheap check that needs no reading.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import hashlib
 import io
 import os
 import pickle
+import stat
 import threading
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,15 +36,20 @@ from typing import Any, Mapping
 import jax
 import ml_dtypes
 import numpy as np
+import xxhash
 from jax.sharding import Mesh
 
 from grokscope.config import ModelConfig
-from grokscope.forward import ParamShape, is_quantizable, param_shapes, release_scale_blocks
+from grokscope.layout import ParamShape, is_quantizable, param_shapes, release_scale_blocks
 from grokscope.quant import QuantizedWeight8bit, quantize
 from grokscope.sharding import param_sharding, place
 
 __all__ = ["CheckpointError", "read_tensor", "load_params", "save_params", "tensor_path",
-           "checkpoint_identity", "check_tensor", "check_file_set"]
+           "checkpoint_identity", "check_tensor", "check_file_set", "combine_digests",
+           "first_difference", "DIGEST_ALGORITHM"]
+
+DIGEST_ALGORITHM = "xxh3_128"
+"""The hash of each tensor file's bytes (`load_params(digests=...)`), as hex (32 digits)."""
 
 _RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
 
@@ -56,28 +70,147 @@ class CheckpointError(ValueError):
 
 
 class _SafeUnpickler(pickle._Unpickler):
-    """Resolves only `_ALLOWED_GLOBALS`; never applies pickled state to a dtype.
+    """Resolves only `_ALLOWED_GLOBALS`, calls only what numpy's pickles call, and applies
+    pickled state (BUILD) only to objects it created itself.
 
-    numpy returns its shared dtype singletons from `np.dtype(...)`, and applying a file's
-    dtype state to one (pickle's BUILD) would mutate it for the whole process (for
-    bfloat16 this changes its hash, after which JAX no longer recognises the dtype).
-    Only the byte order is taken from that state.
+    - REDUCE may call numpy's array reconstructor (as `_reconstruct(numpy.ndarray, (0,), b"b")`,
+      the way numpy pickles an array) and `numpy.dtype(typestr or bfloat16, align, copy)`;
+      NEWOBJ / NEWOBJ_EX may create a bare `QuantizedWeight8bit`. Nothing else is called:
+      any other REDUCE, NEWOBJ, NEWOBJ_EX, and INST / OBJ (which call a class) are refused.
+    - BUILD is applied once to each object so created, and only with the state its kind
+      has: an array takes numpy's `(version, shape, dtype, is_fortran, data)` tuple; a
+      QuantizedWeight8bit a dict with exactly `weight` and `scales` (no slot state); a dtype
+      numpy's 8-item dtype state. BUILD on anything else (a class or other global, a dtype
+      or array the file did not create, an object already given its state) is refused, so a
+      file cannot set attributes on `QuantizedWeight8bit` or any other global.
+    - A dtype's state is never applied: numpy returns its shared dtype singletons from
+      `np.dtype(...)`, and applying a file's state to one would mutate it for the whole
+      process (for bfloat16 this changes its hash, after which JAX no longer recognises the
+      dtype). Only the byte order is taken from it.
+    - SETITEM(S), APPEND(S) and ADDITEMS add only to the dicts, lists and sets of the file.
+
+    Every refusal is a CheckpointError naming the file.
     """
 
     def __init__(self, file, name: str):
         super().__init__(file)
         self._name = name
+        # id -> [object, BUILDs still allowed]; holding the object keeps its id unique.
+        self._unbuilt: dict[int, list] = {}
+
+    def _refuse(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self._name}: {what}")
+
+    def _created(self, obj: Any) -> Any:
+        entry = self._unbuilt.setdefault(id(obj), [obj, 0])
+        entry[1] += 1
+        return obj
+
+    def _load_reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if func is _RECONSTRUCT:
+            if not (type(args) is tuple and len(args) == 3 and args[0] is np.ndarray
+                    and type(args[1]) is tuple and args[1] == (0,)
+                    and type(args[2]) in (bytes, str) and args[2] in (b"b", "b")):
+                raise self._refuse("numpy's array reconstructor called with unexpected arguments")
+        elif func is np.dtype:
+            if not (type(args) is tuple and len(args) == 3
+                    and (type(args[0]) is str or args[0] is ml_dtypes.bfloat16)
+                    and type(args[1]) is bool and type(args[2]) is bool):
+                raise self._refuse("numpy.dtype called with unexpected arguments")
+        else:
+            raise self._refuse(f"refusing to call {_describe(func)}")
+        self.stack[-1] = self._created(func(*args))
+
+    def _new_quantized(self, cls, args, kwargs):
+        if cls is not QuantizedWeight8bit or type(args) is not tuple or args \
+                or type(kwargs) is not dict or kwargs:
+            raise self._refuse(f"refusing to create an instance of {_describe(cls)} "
+                               f"(only a bare QuantizedWeight8bit may be created so)")
+        self.append(self._created(QuantizedWeight8bit.__new__(QuantizedWeight8bit)))
+
+    def _load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self._new_quantized(cls, args, {})
+
+    def _load_newobj_ex(self):
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self._new_quantized(cls, args, kwargs)
+
+    def _instantiate(self, klass, args):
+        raise self._refuse(f"refusing to call {_describe(klass)} (INST/OBJ opcodes)")
 
     def _load_build(self):
-        if isinstance(self.stack[-2], np.dtype):
-            state = self.stack.pop()
-            if isinstance(state, tuple) and len(state) > 1 and state[1] == ">":
-                self.stack[-1] = self.stack[-1].newbyteorder(">")
-            return
-        super().load_build()
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        entry = self._unbuilt.get(id(inst))
+        if entry is None or entry[0] is not inst:
+            raise self._refuse(f"refusing to apply pickled state to {_describe(inst)}, "
+                               f"which is not an object this file created and has not yet set up")
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._unbuilt[id(inst)]
+        if type(inst) is np.ndarray:
+            if not _is_array_state(state):
+                raise self._refuse("an array's pickled state is not numpy's (version, shape, dtype, "
+                                   "is_fortran, data)")
+            inst.__setstate__(state)
+        elif type(inst) is QuantizedWeight8bit:
+            if type(state) is not dict or set(state) != {"weight", "scales"}:
+                raise self._refuse("a QuantizedWeight8bit's pickled state must be a dict of exactly "
+                                   "weight and scales")
+            inst.weight, inst.scales = state["weight"], state["scales"]
+        elif isinstance(inst, np.dtype):
+            if not _is_dtype_state(state):
+                raise self._refuse(f"the pickled state of dtype {inst} is not numpy's state of a "
+                                   f"numeric dtype")
+            if state[1] == ">":
+                self.stack[-1] = inst.newbyteorder(">")
+        else:  # nothing else is ever recorded as created
+            raise self._refuse(f"refusing to apply pickled state to {_describe(inst)}")
+
+    def _target(self, kind: type, opcode: str):
+        target = self.stack[-1]
+        if type(target) is not kind:
+            raise self._refuse(f"{opcode} into {_describe(target)}; only into a {kind.__name__}")
+        return target
+
+    def _load_setitem(self):
+        value, key = self.stack.pop(), self.stack.pop()
+        self._target(dict, "SETITEM")[key] = value
+
+    def _load_setitems(self):
+        items = self.pop_mark()
+        target = self._target(dict, "SETITEMS")
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+
+    def _load_append(self):
+        value = self.stack.pop()
+        self._target(list, "APPEND").append(value)
+
+    def _load_appends(self):
+        items = self.pop_mark()
+        self._target(list, "APPENDS").extend(items)
+
+    def _load_additems(self):
+        items = self.pop_mark()
+        self._target(set, "ADDITEMS").update(items)
 
     dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.REDUCE[0]] = _load_reduce
+    dispatch[pickle.NEWOBJ[0]] = _load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj_ex
     dispatch[pickle.BUILD[0]] = _load_build
+    dispatch[pickle.SETITEM[0]] = _load_setitem
+    dispatch[pickle.SETITEMS[0]] = _load_setitems
+    dispatch[pickle.APPEND[0]] = _load_append
+    dispatch[pickle.APPENDS[0]] = _load_appends
+    dispatch[pickle.ADDITEMS[0]] = _load_additems
 
     def find_class(self, module: str, name: str):
         try:
@@ -91,6 +224,113 @@ class _SafeUnpickler(pickle._Unpickler):
         raise CheckpointError(f"{self._name}: persistent ids are not allowed in a checkpoint file")
 
 
+def _describe(obj: Any) -> str:
+    """Names an object by its type only (a file's objects' reprs may be huge or misleading)."""
+    if isinstance(obj, type):
+        return f"the class {obj.__module__}.{obj.__qualname__}"
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        return f"{getattr(obj, '__module__', None) or '?'}.{obj.__qualname__}"
+    return f"an object of type {type(obj).__qualname__}"
+
+
+def _is_array_state(state: Any) -> bool:
+    """numpy's ndarray state: (1, shape, dtype, is_fortran, bytes, or a list for object arrays)."""
+    if type(state) is not tuple or len(state) != 5:
+        return False
+    version, shape, dtype, fortran, data = state
+    return (type(version) is int and type(shape) is tuple and all(type(n) is int for n in shape)
+            and isinstance(dtype, np.dtype) and type(fortran) is bool and type(data) in (bytes, list))
+
+
+def _is_dtype_state(state: Any) -> bool:
+    """numpy's state of a dtype with no fields, subarray or metadata:
+    (3, byteorder, None, None, None, elsize, alignment, flags)."""
+    return (type(state) is tuple and len(state) == 8 and type(state[0]) is int and state[0] == 3
+            and type(state[1]) is str and state[1] in ("<", ">", "|", "=")
+            and all(x is None for x in state[2:5])
+            and all(type(x) is int for x in state[5:]))
+
+
+class _HashingReader:
+    """A binary file that passes every byte read from it to `hasher`, in order.
+
+    The unpickler reads the file sequentially through this object; `finish` hashes what
+    follows the pickle, so the digest covers the whole file, read once.
+    """
+
+    def __init__(self, file, hasher):
+        self._file, self._hasher = file, hasher
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._file.read(n)
+        self._hasher.update(data)
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        data = self._file.readline(limit)
+        self._hasher.update(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        n = self._file.readinto(buffer)
+        with memoryview(buffer) as view:
+            self._hasher.update(view[:n])
+        return n
+
+    def finish(self) -> str:
+        while chunk := self._file.read(1 << 22):
+            self._hasher.update(chunk)
+        return self._hasher.hexdigest()
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(file: Path, mode: int) -> CheckpointError:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), f"mode {stat.S_IFMT(mode):o}")
+    return CheckpointError(f"{file}: not a regular file ({kind})")
+
+
+def _os_error(file: Path, action: str, e: OSError) -> CheckpointError:
+    if isinstance(e, FileNotFoundError):
+        return CheckpointError(f"{file}: missing")
+    return CheckpointError(f"{file}: cannot {action} ({e.strerror or type(e).__name__})")
+
+
+def _regular_size(file: Path) -> int:
+    """The size of `file` (symlinks followed); CheckpointError unless it is a regular file."""
+    try:
+        st = os.stat(file)
+    except OSError as e:
+        raise _os_error(file, "stat", e) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(file, st.st_mode)
+    return st.st_size
+
+
+def _open_regular(file: Path):
+    """Opens a regular file for reading; anything else is refused without blocking.
+
+    Checked before opening (a device is never opened), opened non-blocking (a FIFO put in
+    its place meanwhile cannot stall the open) and checked again on the open descriptor.
+    """
+    _regular_size(file)
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise _os_error(file, "open", e) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(file, st.st_mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _check_array(x: Any, what: str) -> np.ndarray:
     if type(x) is not np.ndarray:
         raise CheckpointError(f"{what}: expected a numpy array, got {type(x).__name__}")
@@ -100,30 +340,40 @@ def _check_array(x: Any, what: str) -> np.ndarray:
 
 
 def read_tensor(file: str | os.PathLike) -> np.ndarray | QuantizedWeight8bit:
-    """Safely unpickles one checkpoint file into a numpy array or a QuantizedWeight8bit."""
-    file = Path(file)
-    try:
-        handle = open(file, "rb")
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing") from None
+    """Safely unpickles one checkpoint file into a numpy array or a QuantizedWeight8bit.
+
+    Raises CheckpointError, one line naming the file, for anything but a regular file
+    holding such a pickle (a directory, FIFO, socket or device is refused without blocking).
+    """
+    return _read_tensor(Path(file), digest=False)[0]
+
+
+def _read_tensor(file: Path, digest: bool) -> tuple[np.ndarray | QuantizedWeight8bit, str | None]:
+    """`read_tensor`, and with `digest` the xxh3_128 hex digest of the file's bytes, all of them."""
+    handle, size = _open_regular(file)
     with handle:
-        if os.fstat(handle.fileno()).st_size == 0:
+        if size == 0:
             raise CheckpointError(f"{file}: empty file")
+        reader = _HashingReader(handle, xxhash.xxh3_128()) if digest else handle
         try:
             # Streamed from the file: a tensor's bytes are held once as read, once as the array.
-            value = _SafeUnpickler(handle, str(file)).load()
+            value = _SafeUnpickler(reader, str(file)).load()
+            hexdigest = reader.finish() if digest else None
         except CheckpointError:
             raise
+        except OSError as e:
+            raise _os_error(file, "read", e) from None
         except Exception as e:  # truncated or malformed pickles raise a variety of errors
-            raise CheckpointError(f"{file}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
+            detail = " ".join(f"{type(e).__name__}: {e}".split())
+            raise CheckpointError(f"{file}: truncated or corrupt pickle ({detail})") from None
     if isinstance(value, QuantizedWeight8bit):
         extra = sorted(set(vars(value)) - {"weight", "scales"})
         if extra or not {"weight", "scales"} <= set(vars(value)):
             raise CheckpointError(f"{file}: QuantizedWeight8bit must have exactly weight and scales, "
                                   f"got {sorted(vars(value))}")
         return QuantizedWeight8bit(weight=_check_array(value.weight, f"{file}: weight"),
-                                   scales=_check_array(value.scales, f"{file}: scales"))
-    return _check_array(value, str(file))
+                                   scales=_check_array(value.scales, f"{file}: scales")), hexdigest
+    return _check_array(value, str(file)), hexdigest
 
 
 def check_tensor(value: Any, path: str, expected: ParamShape, file: str) -> None:
@@ -158,12 +408,20 @@ def tensor_path(checkpoint_dir: str | os.PathLike, index: int, shard: int = 0) -
 
 
 def check_file_set(checkpoint_dir: str | os.PathLike, n: int, shard: int = 0) -> None:
-    """Raises CheckpointError unless ckpt-0/ holds exactly tensor files 0..n-1 for `shard`."""
+    """Raises CheckpointError unless ckpt-0/ holds exactly tensor files 0..n-1 for `shard`.
+
+    Checks the names only; `read_tensor` and `load_params` refuse entries that are not
+    regular files.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     ckpt = checkpoint_dir / "ckpt-0"
-    if not ckpt.is_dir():
-        raise CheckpointError(f"{checkpoint_dir}: no ckpt-0/ directory (expected {ckpt}/tensor00000_{shard:03d} ...)")
-    present = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("tensor"))
+    try:
+        if not ckpt.is_dir():
+            raise CheckpointError(f"{checkpoint_dir}: no ckpt-0/ directory "
+                                  f"(expected {ckpt}/tensor00000_{shard:03d} ...)")
+        present = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("tensor"))
+    except OSError as e:
+        raise _os_error(ckpt, "list", e) from None
     expected = {f"tensor{i:05d}_{shard:03d}" for i in range(n)}
     missing = sorted(expected - set(present))
     if missing:
@@ -195,7 +453,8 @@ class _ByteBudget:
 
 
 def load_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, mesh: Mesh | None = None,
-                max_workers: int = 8, max_inflight_bytes: int | None = None, shard: int = 0) -> dict:
+                max_workers: int = 8, max_inflight_bytes: int | None = None, shard: int = 0,
+                digests: dict | None = None) -> dict:
     """Loads `checkpoint_dir/ckpt-0` into a haiku params dict, validated, placed on `mesh`.
 
     Args:
@@ -208,37 +467,73 @@ def load_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, mesh: Me
         Default: twice the largest tensor file, so that host memory peaks below what the
         placed parameters take + 2 x the largest tensor.
       shard: the host index in the file names.
+      digests: if a dict, it is filled with `{param path: hex digest}` for every tensor, the
+        `DIGEST_ALGORITHM` (xxh3_128) of its file's bytes, whole file, hashed as they are read
+        (no second pass); equal to `xxhash.xxh3_128(file.read_bytes()).hexdigest()`.
 
     Raises:
-      CheckpointError: naming the file and parameter of the first problem.
+      CheckpointError: naming the file and parameter of the first problem (also for a tensor
+        path that is not a regular file: a directory, FIFO, socket, device or symlink loop).
     """
     checkpoint_dir = Path(checkpoint_dir)
     shapes = param_shapes(config)
     check_file_set(checkpoint_dir, len(shapes), shard)
     device = None if mesh is not None else jax.devices()[0]
 
+    sizes = [_regular_size(tensor_path(checkpoint_dir, i, shard)) for i in range(len(shapes))]
     if max_inflight_bytes is None:
-        max_inflight_bytes = 2 * max(tensor_path(checkpoint_dir, i, shard).stat().st_size for i in range(len(shapes)))
+        max_inflight_bytes = 2 * max(sizes)
     budget = _ByteBudget(max_inflight_bytes)
+    hashing = digests is not None
 
     def load_one(index_path):
         index, path = index_path
         file = tensor_path(checkpoint_dir, index, shard)
-        with budget.reserve(2 * file.stat().st_size):
-            value = read_tensor(file)
+        with budget.reserve(2 * sizes[index]):
+            value, digest = _read_tensor(file, hashing)
             check_tensor(value, path, shapes[path], str(file))
             target = param_sharding(path, value, mesh) if mesh is not None else device
             placed = place(value, target) if mesh is not None else jax.device_put(value, target)
             jax.block_until_ready(placed)
             del value
-        return path, placed
+        return path, placed, digest
 
     params: dict[str, dict[str, Any]] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max_workers) as pool:
-        for path, value in pool.map(load_one, enumerate(shapes)):
+        for path, value, digest in pool.map(load_one, enumerate(shapes)):
             module, name = path.rsplit("/", 1)
             params.setdefault(module, {})[name] = value
+            if hashing:
+                digests[path] = digest
     return params
+
+
+def combine_digests(digests: Mapping[str, str]) -> str:
+    """One hex digest over a whole checkpoint's tensor digests.
+
+    xxh3_128 of the UTF-8 text made of one line `f"{path}\t{digest}\n"` per entry, the
+    paths in sorted (code point) order; so it changes with any tensor's bytes, with a
+    renamed parameter and with a tensor added or removed.
+    """
+    hasher = xxhash.xxh3_128()
+    for path in sorted(digests):
+        hasher.update(f"{path}\t{digests[path]}\n".encode())
+    return hasher.hexdigest()
+
+
+def first_difference(stored: Mapping[str, str], current: Mapping[str, str], order) -> str | None:
+    """The first path, in `order` (e.g. `param_shapes(config)`), whose digest differs between
+    `stored` and `current` or is missing from either; then, in sorted order, any other path
+    the two do not agree on. None when they agree on every path."""
+    def differs(path):
+        return path not in stored or path not in current or stored[path] != current[path]
+
+    order = list(order)
+    for path in order:
+        if differs(path):
+            return path
+    listed = set(order)
+    return next((path for path in sorted(set(stored) | set(current)) if path not in listed and differs(path)), None)
 
 
 class _CheckpointPickler(pickle._Pickler):
@@ -308,9 +603,18 @@ def save_params(params: Mapping[str, Mapping[str, Any]], checkpoint_dir: str | o
 
 
 def checkpoint_identity(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """Path and a hash of the tensor index (file names and sizes): cheap, changes with the files."""
+    """Path and a hash of the tensor index (file names and sizes): cheap, changes with the files.
+
+    Reads no file's contents (see `load_params(digests=...)` for that). Raises
+    CheckpointError, naming the entry, for a `tensor*` entry that is not a regular file or
+    cannot be looked at (a symlink loop, a permission error).
+    """
     ckpt = Path(checkpoint_dir) / "ckpt-0"
-    entries = sorted((p.name, p.stat().st_size) for p in ckpt.iterdir() if p.name.startswith("tensor"))
+    try:
+        files = [p for p in ckpt.iterdir() if p.name.startswith("tensor")]
+    except OSError as e:
+        raise _os_error(ckpt, "list", e) from None
+    entries = sorted((p.name, _regular_size(p)) for p in files)
     digest = hashlib.sha256(repr(entries).encode()).hexdigest()
     return {"path": str(Path(checkpoint_dir).resolve()), "num_files": len(entries),
             "total_bytes": sum(size for _, size in entries), "index_sha256": digest}

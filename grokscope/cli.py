@@ -32,19 +32,19 @@ def _resolve_config(checkpoint_dir: Path, spec: str | None):
 
 def cmd_inspect(args) -> int:
     from grokscope.checkpoint import CheckpointError, check_file_set, check_tensor, read_tensor, tensor_path
-    from grokscope.forward import param_shapes
+    from grokscope.layout import param_shapes
     from grokscope.quant import QuantizedWeight8bit
 
     ckpt = Path(args.checkpoint_dir)
     try:
         config = _resolve_config(ckpt, args.config)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shapes = param_shapes(config)
     try:
         check_file_set(ckpt, len(shapes))
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{'#':>4}  {'path':<58} {'shape':<20} {'dtype':<9} {'quant':<11} {'bytes':>10}")
@@ -54,7 +54,7 @@ def cmd_inspect(args) -> int:
         try:
             value = read_tensor(file)
             check_tensor(value, path, expected, str(file))
-        except CheckpointError as e:
+        except (CheckpointError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         if isinstance(value, QuantizedWeight8bit):
@@ -101,35 +101,74 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _parse_mesh(text: str) -> tuple[int, int]:
+    """`--mesh DATAxMODEL` (e.g. `1x8`) as (data, model); a ValueError naming the flag otherwise."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+)\s*[xX]\s*([0-9]+)\s*", text)
+    if match is None:
+        raise ValueError(f"--mesh: expected DATAxMODEL, two positive integers such as 1x8, got {text!r}")
+    data, model = int(match.group(1)), int(match.group(2))
+    if data < 1 or model < 1:
+        raise ValueError(f"--mesh: expected sizes >= 1, got {text!r}")
+    return data, model
+
+
+def _error_line(error: BaseException) -> str:
+    """An exception as one line of text."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.filename}: {error.strerror}"
+    text = str(error) or type(error).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def cmd_dump(args) -> int:
     from grokscope.checkpoint import CheckpointError
     from grokscope.dump import DumpError, dump
     from grokscope.record import RecordSpec
     from grokscope.store import StoreError
+    from grokscope.tokenizer import TokenizerError
 
     from grokscope.distributed import DistributedError
 
     try:
+        for flag, value in (("--batch-size", args.batch_size), ("--max-len", args.max_len)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag}: expected >= 1, got {value}")
+        shape = _parse_mesh(args.mesh) if args.mesh is not None else None
+        record = RecordSpec.parse(args.record)
         if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
             from grokscope.distributed import initialize
 
             initialize(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
-        record = RecordSpec.parse(args.record)
         mesh = None
-        if args.mesh:
+        if shape is not None:
+            import jax
+
             from grokscope.sharding import make_mesh
 
-            data, _, model = args.mesh.partition("x")
-            mesh = make_mesh(int(data), int(model))
+            wanted, available = shape[0] * shape[1], jax.device_count()
+            if wanted > available:
+                raise ValueError(f"--mesh {args.mesh}: needs {wanted} devices, {available} available")
+            if jax.process_count() > 1 and wanted != available:
+                raise ValueError(f"--mesh {args.mesh}: a job over {jax.process_count()} processes uses all "
+                                 f"{available} of its devices, the mesh has {wanted}")
+            mesh = make_mesh(*shape)
         summary = dump(args.prompts, args.out, checkpoint=args.checkpoint, tokenizer=args.tokenizer,
                        config=args.config, record=record, batch_size=args.batch_size, max_len=args.max_len,
                        truncate=args.truncate, compute_dtype=args.compute_dtype, mesh=mesh,
                        progress=not args.quiet)
-    except (DumpError, StoreError, CheckpointError, DistributedError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except TokenizerError as e:
+        print(f"error: {'--tokenizer ' if args.tokenizer else ''}{_error_line(e)}", file=sys.stderr)
+        return 1
+    except (DumpError, StoreError, CheckpointError, DistributedError, ValueError, OSError) as e:
+        print(f"error: {_error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.out} is resumable; run the same command again to continue", file=sys.stderr)
+        if Path(args.out).exists():
+            print(f"\ninterrupted: {args.out} is resumable; run the same command again to continue", file=sys.stderr)
+        else:
+            print(f"\ninterrupted before {args.out} was created", file=sys.stderr)
         return 130
     import jax
 
@@ -142,12 +181,22 @@ def cmd_dump(args) -> int:
     return 0
 
 
+def _read_failure(store: str, error: BaseException) -> str:
+    """The one-line error for a decoder's failure while reading a store's chunks."""
+    return (f"error: {store}: reading failed ({type(error).__name__}: {error}); "
+            f"`grokscope verify --deep {store}` names the damaged chunk")
+
+
 def cmd_analyze(args) -> int:
     import json
 
-    from grokscope.analysis.summary import format_summary, summarize
+    from grokscope.analysis.summary import format_summary, require_routing, summarize
     from grokscope.store import StoreError, open_store
 
+    out = Path(args.output) if args.output else None
+    if out is not None and out.suffix not in (".json", ".csv"):
+        print(f"error: -o {out}: expected a .json or .csv file", file=sys.stderr)
+        return 1
     client = None
     try:
         if args.scheduler:
@@ -155,23 +204,31 @@ def cmd_analyze(args) -> int:
 
             client = connect(args.scheduler)
         ds = open_store(args.store)
+        try:
+            require_routing(ds)
+        except ValueError as e:
+            raise ValueError(f"{args.store}: {e}") from None
         summary = summarize(ds, by=args.by, n_permutations=args.permutations)
     except (StoreError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # a decompressor's failure on a damaged chunk
+        print(_read_failure(args.store, e), file=sys.stderr)
         return 1
     finally:
         if client is not None:
             client.close()
     print(f"store: {args.store}")
     print(format_summary(summary))
-    if args.output:
-        out = Path(args.output)
-        if out.suffix == ".json":
-            out.write_text(json.dumps(summary.to_dict(data="list"), indent=1, default=str))
-        elif out.suffix == ".csv":
-            summary.to_dataframe().to_csv(out)
-        else:
-            print(f"error: -o {out}: expected a .json or .csv file", file=sys.stderr)
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if out.suffix == ".json":
+                out.write_text(json.dumps(summary.to_dict(data="list"), indent=1, default=str))
+            else:
+                summary.to_dataframe().to_csv(out)
+        except OSError as e:
+            print(f"error: -o {out}: {e}", file=sys.stderr)
             return 1
         print(f"wrote {out}")
     return 0
@@ -187,7 +244,30 @@ def cmd_report(args) -> int:
     except (StoreError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # a decompressor's failure on a damaged chunk
+        print(_read_failure(args.store, e), file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; opens offline in a browser)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from grokscope.store import StoreError, check_store
+
+    try:
+        check = check_store(args.store, deep=args.deep)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if check.problems:
+        for problem in check.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(check.summary())
+        return 1
+    print(check.summary())
     return 0
 
 
@@ -209,11 +289,14 @@ def main(argv=None) -> int:
     p.add_argument("--record", default="routing",
                    help="what to record, e.g. routing,attention:layers=0-3:heads=all:format=topk:k=16,residual:layers=0,2 "
                         "(attention formats: full, head_mean, topk)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, help="positions per sequence (default: the model's sequence_len)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="sequences per forward and the store's chunk along sequence, >= 1 (default 8); a one-process "
+                        "job uses at most the number of prompts, and the store records the size used")
+    p.add_argument("--max-len", type=int, help="positions per sequence, >= 1 (default: the model's sequence_len)")
     p.add_argument("--truncate", choices=["left", "right"], help="truncate longer prompts instead of failing")
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
+    p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8: at most the devices available, all of them in a "
+                                  "multi-process job (default: one device)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--coordinator", help="HOST:PORT of process 0, for a job over several processes/hosts")
     p.add_argument("--num-processes", type=int, help="processes in the job (with --coordinator)")
@@ -239,6 +322,11 @@ def main(argv=None) -> int:
     p.add_argument("--sequences", type=int, default=3, help="sequences whose routing is shown (default 3)")
     p.add_argument("--no-summary", action="store_true", help="leave out the analyze table (its permutation tests)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("verify", help="check a store: metadata, schema, every chunk its finished sequences need")
+    p.add_argument("store", help="a store path or fsspec URL")
+    p.add_argument("--deep", action="store_true", help="also read and decode every chunk (reads the whole store)")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("inspect", help="list and validate every tensor of a checkpoint")
     p.add_argument("checkpoint_dir", help="directory holding ckpt-0/")

@@ -5,18 +5,29 @@ and records what the RecordSpec asks for. Running the same command again after C
 `kill -9` resumes: batches already marked `done` are skipped, the others are computed and
 written again, so each sequence is written exactly once and the finished store equals an
 uninterrupted run's.
+
+Bad input (prompts, flags, tokenizer, a store of another dump) is refused, naming the problem,
+before any store is created or changed. A new store is built whole in a staging directory
+beside `out` and renamed into place; the run that writes a store holds a lock on it, and
+another dump of it is refused meanwhile. A resumed store is checked against the checkpoint's
+contents (a digest of every tensor) before anything is written.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
+import math
 import os
 import shutil
+import stat
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -24,13 +35,18 @@ import jax
 import numpy as np
 import zarr
 
-import grokscope
-from grokscope.forward import jitted_forward
-from grokscope.record import RecordSpec, to_store_dtypes
-from grokscope.sharding import batch_sharding, place
+from grokscope._version import __version__
+from grokscope.record import QUANTITIES, RecordSpec, to_store_dtypes
+from grokscope.runner import encode, lone_surrogate, run_ids
+from grokscope.sharding import batch_sharding
 from grokscope.store import RESERVED_NAMES, StoreWriter, column_dtype, create, layout
 
-__all__ = ["dump", "DumpError", "DumpSummary", "Prompt", "read_prompts", "encode_prompts", "run_batch"]
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): dumps run without the lock
+    fcntl = None
+
+__all__ = ["dump", "DumpError", "DumpSummary", "Prompt", "read_prompts", "encode_prompts"]
 
 
 class DumpError(ValueError):
@@ -47,46 +63,120 @@ class Prompt:
 def read_prompts(path: str | Path) -> tuple[list[Prompt], int]:
     """Reads a `.txt` (one prompt per line) or `.jsonl` (`{"text": ..., other fields}`) file.
 
-    Returns (prompts, number of blank lines skipped).
+    Returns (prompts, number of blank lines skipped). A UTF-8 byte order mark at the start of
+    the file is ignored.
 
     Raises:
-      DumpError: missing or empty file, a line that is not UTF-8 or not valid JSON, a JSON
-        line without a string "text", or inconsistent metadata fields (naming the line).
+      DumpError: missing, unreadable or empty file, a directory, a line that is not UTF-8 or
+        not valid JSON, a JSON line without a string "text", text that is not valid Unicode (a
+        lone surrogate), a metadata field whose name cannot be an array of the store or whose
+        value the store cannot hold exactly, or inconsistent metadata fields (naming the line
+        and the field).
     """
+    prompts, blank, _ = _read_prompt_file(path)
+    return prompts, blank
+
+
+# Dimension names of a store: a metadata array of one of these names would clash with the dimension.
+_DIMENSIONS = frozenset({"sequence", "position", "vocab"} | {d for q in QUANTITIES.values() for d in q.dims})
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
+_FLOAT64_EXACT_INT = 2**53
+_RESERVED_FOLDED = frozenset(n.casefold() for n in RESERVED_NAMES | _DIMENSIONS | {"zarr.json"})
+
+
+def _field_name_problem(name: str, seen: dict[str, str]) -> str | None:
+    """Why `name` cannot be a metadata array of the store (None: it can). `seen` maps the
+    casefolded names already accepted to their spelling."""
+    if name == "":
+        return "an empty name"
+    surrogate = lone_surrogate(name)
+    if surrogate:
+        return f"not valid Unicode ({surrogate})"
+    if name.casefold() in _RESERVED_FOLDED:
+        return "reserved by the store (its own arrays, dimensions and metadata use it)"
+    if "/" in name or "\\" in name:
+        return "contains a path separator ('/' or '\\')"
+    if name.startswith("."):
+        return "starts with '.'"
+    if name.startswith("__"):
+        return "starts with '__' (reserved by zarr)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character"
+    if len(name.encode("utf-8")) > 255:
+        return "longer than 255 bytes (a file name)"
+    other = seen.get(name.casefold())
+    if other is not None and other != name:
+        return f"differs from field {other!r} only in case (one directory on a case-insensitive filesystem)"
+    return None
+
+
+def _value_problem(value) -> str | None:
+    """Why the store cannot hold this metadata value exactly (None: it can)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            return f"{value} does not fit in a 64-bit integer (expected -2**63 .. 2**63-1)"
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{value} is not a finite number"
+    if isinstance(value, str):
+        surrogate = lone_surrogate(value)
+        return f"not valid Unicode ({surrogate})" if surrogate else None
+    return f"expected a string, number or boolean, got {type(value).__name__}"
+
+
+def _read_prompt_file(path: str | Path) -> tuple[list[Prompt], int, str]:
+    """`read_prompts`, and the sha256 of exactly the bytes the prompts were read from."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise DumpError(f"{path}: is a directory; expected a .txt or .jsonl prompts file")
+    if not path.exists():
         raise DumpError(f"prompts file not found: {path}")
     jsonl = path.suffix == ".jsonl"
     if not jsonl and path.suffix != ".txt":
         raise DumpError(f"{path}: expected a .txt (one prompt per line) or .jsonl file")
-    prompts, blank = [], 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DumpError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                blank += 1
-                continue
-            if not jsonl:
-                prompts.append(Prompt(line, {}, number))
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DumpError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DumpError(f'{path}:{number}: expected an object with a string "text" field')
-            metadata = {k: v for k, v in record.items() if k != "text"}
-            reserved = sorted(set(metadata) & RESERVED_NAMES)
-            if reserved:
-                raise DumpError(f"{path}:{number}: field names {reserved} are reserved by the store")
-            bad = [k for k, v in metadata.items() if not isinstance(v, (str, int, float, bool))]
-            if bad:
-                raise DumpError(f"{path}:{number}: metadata fields {bad} must be strings, numbers or booleans")
-            prompts.append(Prompt(record["text"], metadata, number))
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DumpError(f"{path}: cannot read the prompts file ({e.strerror or e})") from None
+    raws = data.split(b"\n")
+    if raws[-1] == b"":
+        raws.pop()
+    prompts, blank, names, accepted = [], 0, {}, set()
+    for number, raw in enumerate(raws, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DumpError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if number == 1 and line.startswith("\ufeff"):
+            line = line[1:]  # a byte order mark, not text
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            blank += 1
+            continue
+        if not jsonl:
+            prompts.append(Prompt(line, {}, number))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DumpError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DumpError(f'{path}:{number}: expected an object with a string "text" field')
+        for key, value in record.items():
+            if key != "text" and key not in accepted:
+                problem = _field_name_problem(key, names)
+                if problem:
+                    raise DumpError(f"{path}:{number}: field name {key!r}: {problem}; rename the field")
+                names[key.casefold()] = key
+                accepted.add(key)
+            problem = _value_problem(value)
+            if problem:
+                raise DumpError(f"{path}:{number}: field {key!r}: {problem}")
+        metadata = {k: v for k, v in record.items() if k != "text"}
+        prompts.append(Prompt(record["text"], metadata, number))
     if not prompts:
         raise DumpError(f"{path}: no prompts (the file is empty or blank)")
     fields = set().union(*(p.metadata for p in prompts))
@@ -94,47 +184,20 @@ def read_prompts(path: str | Path) -> tuple[list[Prompt], int]:
         missing = sorted(fields - set(p.metadata))
         if missing:
             raise DumpError(f"{path}:{p.line}: missing metadata fields {missing} that other lines have")
-    return prompts, blank
+    for key in sorted(fields):
+        if column_dtype([p.metadata[key] for p in prompts]) == np.float64:
+            for p in prompts:
+                value = p.metadata[key]
+                if isinstance(value, int) and abs(value) > _FLOAT64_EXACT_INT:
+                    raise DumpError(f"{path}:{p.line}: field {key!r}: the integer {value} cannot be stored exactly "
+                                    f"in this field's float64 column (other lines hold fractional numbers)")
+    return prompts, blank, hashlib.sha256(data).hexdigest()
 
 
 def encode_prompts(tokenizer, texts: Sequence[str], max_len: int, truncate: str | None,
                    lines: Sequence[int], source: str) -> list[list[int]]:
-    """Token ids of every text; a text longer than `max_len` is an error unless truncated."""
-    if truncate not in (None, "left", "right"):
-        raise DumpError(f"truncate: expected 'left' or 'right', got {truncate!r}")
-    out = []
-    for text, line in zip(texts, lines):
-        ids = tokenizer.encode(text)
-        if not ids:
-            raise DumpError(f"{source}:{line}: the prompt encodes to no tokens")
-        if len(ids) > max_len:
-            if truncate is None:
-                raise DumpError(f"{source}:{line}: {len(ids)} tokens, longer than max_len {max_len} "
-                                f"(raise --max-len, or pass --truncate left|right)")
-            ids = ids[-max_len:] if truncate == "left" else ids[:max_len]
-        out.append(ids)
-    return out
-
-
-def run_batch(model, record: RecordSpec, ids: Sequence[Sequence[int]], length: int, compute_dtype: str,
-              batch_size: int | None = None):
-    """Pads `ids` into [batch_size, length] tokens and runs the recorded forward.
-
-    Returns (tokens as numpy, record dict of device arrays in the store's dtypes).
-    """
-    rows = batch_size or len(ids)
-    tokens = np.zeros((rows, length), np.int32)
-    for i, seq in enumerate(ids):
-        tokens[i, : len(seq)] = seq
-    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-    fn = jitted_forward(model.config, record, compute_dtype)
-    if model.mesh is None:
-        _, outputs = fn(model.params, tokens, positions)
-        return tokens, to_store_dtypes(outputs)
-    with jax.set_mesh(model.mesh):
-        _, outputs = fn(model.params, place(tokens, batch_sharding(model.mesh, tokens.shape)),
-                        place(positions, batch_sharding(model.mesh, positions.shape)))
-        return tokens, to_store_dtypes(outputs)
+    """Token ids of every text (`grokscope.runner.encode`), errors as `DumpError`."""
+    return encode(tokenizer, texts, max_len, truncate, lines, source, error=DumpError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,30 +246,44 @@ class _Progress:
               flush=True)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _identity(model, record, prompts_path, batch_size, max_len, truncate, compute_dtype) -> dict:
-    """What must match for a store to be resumed (and is kept as provenance)."""
+def _identity(model, record, prompts_path, prompts_sha256, batch_size, max_len, truncate, compute_dtype) -> dict:
+    """What must match for a store to be resumed (and is kept as provenance). `batch_size` is
+    the effective one; `prompts_sha256` hashes the bytes the prompts were read from."""
     return {
         "model_config": model.config.to_dict(),
         "checkpoint": model.checkpoint_identity,
         "tokenizer": model.tokenizer.identity(),
         "record_spec": record.resolved(model.config).to_dict(),
-        "prompts": {"path": str(Path(prompts_path).resolve()), "sha256": _sha256(Path(prompts_path))},
+        "prompts": {"path": str(Path(prompts_path).resolve()), "sha256": prompts_sha256},
         "batch_size": batch_size, "max_len": max_len, "truncate": truncate, "compute_dtype": compute_dtype,
     }
 
 
-_COMPARED = ("model_config", "record_spec", "tokenizer", "batch_size", "max_len", "truncate", "compute_dtype")
+_COMPARED = ("model_config", "record_spec", "tokenizer", "max_len", "truncate", "compute_dtype")
 
 
-def _differences(stored: dict, wanted: dict) -> list[str]:
+def _as_compared(key: str, value):
+    """A stored identity field as this version writes it: a model config written before a
+    field existed gains that field's default (the architecture it then had)."""
+    if key == "model_config" and isinstance(value, dict):
+        from grokscope.config import ModelConfig
+
+        try:
+            value = ModelConfig.from_dict(value).to_dict()
+        except (TypeError, ValueError):
+            pass
+    return json.loads(json.dumps(value))
+
+
+def _differences(stored: dict, wanted: dict, num_sequences: int) -> list[str]:
     out = []
     for key in _COMPARED:
-        if json.loads(json.dumps(stored.get(key))) != json.loads(json.dumps(wanted[key])):
+        if _as_compared(key, stored.get(key)) != _as_compared(key, wanted[key]):
             out.append(f"{key}: store has {stored.get(key)!r}, this run has {wanted[key]!r}")
+    # Any batch size of at least the prompt count makes the same single batch.
+    batch = stored.get("batch_size")
+    if not isinstance(batch, int) or min(batch, num_sequences) != min(wanted["batch_size"], num_sequences):
+        out.append(f"batch_size: store has {batch!r}, this run has {wanted['batch_size']!r}")
     if stored.get("checkpoint", {}).get("index_sha256") != wanted["checkpoint"]["index_sha256"]:
         out.append(f"checkpoint: store was written from {stored.get('checkpoint', {}).get('path')}, "
                    f"this run uses {wanted['checkpoint']['path']} (different tensor files)")
@@ -215,17 +292,254 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
     return out
 
 
-def _open_for_resume(out: Path, identity: dict):
+def _open_for_resume(out: Path, identity: dict, expected: dict[str, tuple], num_sequences: int):
+    """Opens an existing `out` to resume it, after checking (reading only) that it is a whole
+    store of this very dump."""
     if not (out / "zarr.json").is_file():
         raise DumpError(f"{out} exists and is not a zarr store; choose another --out (nothing was changed)")
-    group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)
-    attrs = dict(group.attrs)
+    try:
+        group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)
+        attrs = dict(group.attrs)
+    except Exception as e:  # noqa: BLE001 - a damaged zarr.json raises a variety of errors
+        raise DumpError(f"{out}: cannot open it as a zarr store ({type(e).__name__}: {e}); "
+                        f"nothing was changed") from None
     if "grokscope" not in attrs:
         raise DumpError(f"{out} is a zarr store but not a grokscope dump; choose another --out")
-    differences = _differences(attrs, identity)
+    differences = _differences(attrs, identity, num_sequences)
     if differences:
-        raise DumpError(f"{out} was written by a different dump; not resuming:\n  " + "\n  ".join(differences))
+        raise DumpError(f"{out} was written by a different dump; not resuming: " + "; ".join(differences))
+    present = {name: tuple(group[name].shape) for name in group.array_keys()}
+    missing = [name for name in expected if name not in present]
+    reshaped = [f"{name} {present[name]} (expected {shape})" for name, shape in expected.items()
+                if name in present and present[name] != tuple(shape)]
+    if missing or reshaped:
+        what = "; ".join(([f"missing arrays {missing}"] if missing else []) +
+                         ([f"arrays of other shapes: {', '.join(reshaped)}"] if reshaped else []))
+        raise DumpError(f"{out} is not a whole store of this dump ({what}); it cannot be resumed "
+                        f"(nothing was changed)")
     return group
+
+
+def _check_chunks(group, chunk_rows: int, multi: bool, out: Path) -> None:
+    if multi and chunk_rows % group["done"].chunks[0]:
+        raise DumpError(f"{out}: its chunks of {group['done'].chunks[0]} sequences do not divide the "
+                        f"{chunk_rows} rows each process writes here; resume it with the process layout "
+                        f"(--mesh, --num-processes, --batch-size) it was started with")
+
+
+def _checkpoint_content(model) -> dict | None:
+    """The root attribute `checkpoint_content`: a digest of every tensor's bytes and their
+    combination (None when the model carries no digests)."""
+    from grokscope.checkpoint import DIGEST_ALGORITHM, combine_digests
+
+    digests = dict(model.tensor_digests or {})
+    if not digests:
+        return None
+    return {"algorithm": DIGEST_ALGORITHM, "digest": combine_digests(digests), "tensors": digests}
+
+
+def _check_checkpoint_content(stored: dict, model, out: Path, work_left: bool) -> None:
+    """Refuses to resume a store from weights other than those its sequences were written with.
+
+    A store that records no contents (made before they were recorded) is refused when
+    anything is left to write: its finished sequences cannot be checked against this
+    checkpoint. Runs after the parameters are loaded, before anything is written.
+    """
+    if not work_left:
+        return
+    from grokscope.checkpoint import DIGEST_ALGORITHM, combine_digests, first_difference
+    from grokscope.layout import param_shapes
+
+    recorded = stored.get("checkpoint_content")
+    current = dict(model.tensor_digests or {})
+    untouched = "not resuming (the store is untouched)"
+    if not isinstance(recorded, dict) or not recorded.get("digest"):
+        raise DumpError(f"{out} does not record the contents of the checkpoint it was written with (it was made "
+                        f"by an older grokscope), so its finished sequences cannot be checked against this "
+                        f"checkpoint; {untouched}; dump to a new --out")
+    if recorded.get("algorithm") != DIGEST_ALGORITHM:
+        raise DumpError(f"{out} records {recorded.get('algorithm')} digests of its checkpoint, this grokscope "
+                        f"computes {DIGEST_ALGORITHM}; they cannot be compared; {untouched}")
+    if not current:
+        raise DumpError(f"{out}: the model given carries no tensor digests to check against the store's; {untouched}")
+    if combine_digests(current) != recorded["digest"]:
+        first = first_difference(recorded.get("tensors") or {}, current, list(param_shapes(model.config)))
+        what = f"tensor {first} differs" if first else "the tensors' combined digest differs"
+        raise DumpError(f"{out} was written from other weights than {model.checkpoint_identity['path']} holds "
+                        f"now: {what} ({DIGEST_ALGORITHM}); {untouched}")
+
+
+# Creating and locking a store. A store is built in a staging directory beside `out`,
+# `.NAME.creating-PID-RANDOM/`, which holds grokscope's marker file and the store itself
+# (`store/`), and is renamed into place whole. Both directories are locked (flock) before
+# anything is written into them: a later run removes a staging directory only when it
+# carries the marker and nobody holds its lock, i.e. its creator is gone. The store's lock
+# moves with the directory through the rename, so the run that created a store holds it
+# from the moment it is visible, and any run writing a store holds it until it ends.
+
+_STAGING_MARKER = "grokscope-staging.json"
+_STAGING_KIND = "grokscope dump staging directory"
+_EXISTS = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
+_libc = None
+
+
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}.creating-"
+
+
+def _try_lock(fd: int) -> bool:
+    """Takes an exclusive flock on `fd` without waiting: False while another process holds one."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _lock_new(path: Path) -> int | None:
+    """Opens and locks a directory this run just made (nobody else can hold it): the
+    descriptor, or None without flock (then no other run ever removes the directory either)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _try_lock(fd)
+    except OSError:
+        pass  # a filesystem without flock
+    return fd
+
+
+def _lock_holder(path: Path) -> int | None:
+    """The pid that holds a flock on `path`, from /proc/locks (Linux), or None."""
+    try:
+        st = os.stat(path)
+        inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if "FLOCK" in fields and "->" not in fields and inode in fields:
+                    pid = int(fields[fields.index(inode) - 1])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _lock_store(out: Path, progress: bool) -> int | None:
+    """Locks the existing store `out` for this run: the descriptor to close when the run ends.
+    Refuses while another dump holds the lock. None where the filesystem cannot lock."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise DumpError(f"{out}: cannot open the store ({e.strerror or e}); nothing was changed") from None
+    try:
+        locked = _try_lock(fd)
+    except OSError as e:
+        os.close(fd)
+        if progress:
+            print(f"note: {out}: its filesystem cannot lock it ({e.strerror or e}); make sure no other dump "
+                  f"writes it at the same time", file=sys.stderr)
+        return None
+    if not locked:
+        os.close(fd)
+        pid = _lock_holder(out)
+        raise DumpError(f"{out} is being written by another dump{f' (pid {pid})' if pid else ''}; "
+                        f"not starting a second one (nothing was changed)")
+    return fd
+
+
+def _rename_noreplace(source: Path, target: Path) -> None:
+    """Renames `source` to `target`; an OSError with errno EEXIST (or ENOTEMPTY, ENOTDIR) when
+    `target` exists in any form, an empty directory included (which a plain rename replaces)."""
+    global _libc
+    if sys.platform.startswith("linux"):
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = getattr(_libc, "renameat2", None)
+        if renameat2 is not None:
+            at_fdcwd, rename_noreplace = -100, 1
+            renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            renameat2.restype = ctypes.c_int
+            if renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), rename_noreplace) == 0:
+                return
+            code = ctypes.get_errno()
+            if code not in (errno.ENOSYS, errno.EINVAL):  # EINVAL: no RENAME_NOREPLACE on this filesystem
+                raise OSError(code, os.strerror(code), str(target))
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(source, target)  # still fails onto a non-empty directory
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Removes the staging directories beside `out` that killed runs left: only those that
+    carry grokscope's marker and whose lock nobody holds. Nothing else is touched."""
+    if fcntl is None:
+        return
+    prefix = _staging_prefix(out)
+    try:
+        names = [name for name in os.listdir(out.parent) if name.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        path = out.parent / name
+        try:
+            if not (stat.S_ISDIR(os.lstat(path).st_mode) and stat.S_ISREG(os.lstat(path / _STAGING_MARKER).st_mode)):
+                continue
+            with open(path / _STAGING_MARKER, "rb") as f:
+                if json.loads(f.read(4096)).get("kind") != _STAGING_KIND:
+                    continue
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except (OSError, ValueError, AttributeError):
+            continue
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(path))
+            if same and _try_lock(fd):
+                shutil.rmtree(path)
+        except OSError:
+            pass  # removed meanwhile by another run, or not removable: left as it is
+        finally:
+            os.close(fd)
+
+
+def _create_store(out: Path, variables, coords, attrs: dict, pieces: np.ndarray) -> tuple[bool, int | None]:
+    """Builds the whole store in a staging directory beside `out` and renames it to `out`.
+
+    Returns (published, the store's lock descriptor or None). `published` is False when `out`
+    came to exist meanwhile (another dump created it first). The staging directory is
+    removed in every case, and the store is never visible half made.
+    """
+    staging = out.parent / f"{_staging_prefix(out)}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.mkdir(staging)
+    staging_fd = store_fd = None
+    try:
+        staging_fd = _lock_new(staging)
+        (staging / _STAGING_MARKER).write_text(json.dumps({"kind": _STAGING_KIND, "pid": os.getpid(),
+                                                           "out": str(out)}))
+        inner = staging / "store"
+        os.mkdir(inner)
+        store_fd = _lock_new(inner)
+        group = create(inner, variables, coords, attrs)
+        group["vocab_piece"][:] = pieces
+        try:
+            _rename_noreplace(inner, out)
+        except OSError as e:
+            if e.errno not in _EXISTS:
+                raise
+            return False, None
+        fd, store_fd = store_fd, None
+        return True, fd
+    finally:
+        if store_fd is not None:
+            os.close(store_fd)
+        try:
+            shutil.rmtree(staging)
+        except OSError:
+            pass  # keeps its marker, and its lock is released below: the next run removes it
+        if staging_fd is not None:
+            os.close(staging_fd)
 
 
 def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | None = None,
@@ -239,8 +553,9 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
       out: the store's path (a new path, or an unfinished/finished dump of the same settings).
       checkpoint, tokenizer, config: the model (default: the bundled one); see `load_model`.
       record: what to record.
-      batch_size: sequences per forward (and the store's chunk along `sequence`).
-      max_len: the store's `position` size; default the config's `sequence_len`.
+      batch_size: sequences per forward (and the store's chunk along `sequence`); in a
+        one-process job at most the number of prompts (the store records the size used).
+      max_len: the store's `position` size (>= 1); default the config's `sequence_len`.
       truncate: None (too-long prompts are an error), "left" or "right".
       compute_dtype: "float32" or "bfloat16".
       mesh: run sharded on this mesh. In a multi-process job (after
@@ -252,9 +567,16 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
 
     Returns:
       A DumpSummary (printable).
+
+    Raises:
+      DumpError: bad input (named), before anything is written: nothing is left behind. A new
+        store is built beside `out` and renamed into place whole; a run holds a lock on the
+        store until it ends, and another dump of the same store is refused meanwhile.
+        Resuming checks every tensor's digest against the store's before writing.
     """
     from grokscope import distributed
-    from grokscope.session import bucket_length, load_model, resolve_model
+    from grokscope.runner import bucket_length
+    from grokscope.session import load_model, resolve_model
 
     t0 = time.perf_counter()
     multi = jax.process_count() > 1
@@ -266,18 +588,23 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
     prompts_file, out = Path(prompts_file), Path(out)
     if batch_size < 1:
         raise DumpError(f"batch_size: expected >= 1, got {batch_size}")
-    prompts, blank = read_prompts(prompts_file)
+    if max_len is not None and max_len < 1:
+        raise DumpError(f"max_len: expected >= 1, got {max_len}")
+    prompts, blank, prompts_sha256 = _read_prompt_file(prompts_file)
     if blank and progress:
         print(f"skipped {blank} blank line{'s' if blank > 1 else ''} in {prompts_file}", file=sys.stderr)
+    if not multi:
+        batch_size = min(batch_size, len(prompts))  # never a batch of padding rows beyond the prompts
     described = model or resolve_model(checkpoint, tokenizer, config)  # parameters not loaded yet
     config = described.config
-    max_len = max_len or config.sequence_len
+    max_len = config.sequence_len if max_len is None else max_len
     if max_len > config.sequence_len:
         raise DumpError(f"max_len {max_len} exceeds the model's sequence_len {config.sequence_len}")
     ids = encode_prompts(described.tokenizer, [p.text for p in prompts], max_len, truncate,
                          [p.line for p in prompts], str(prompts_file))
     record.resolved(config)  # validates layer/head selections against the model
-    identity = _identity(described, record, prompts_file, batch_size, max_len, truncate, compute_dtype)
+    identity = _identity(described, record, prompts_file, prompts_sha256, batch_size, max_len, truncate,
+                         compute_dtype)
     # Rows of each batch this process writes (None: all), and the store's chunk along
     # `sequence`: it divides every process's row block, so no two processes share a chunk.
     owned, chunk_rows = None, batch_size
@@ -285,64 +612,80 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
         sharding = batch_sharding(mesh, (batch_size, 1))
         owned = distributed.owned_rows(sharding, (batch_size, 1))
         chunk_rows = distributed.rows_per_writer(sharding, (batch_size, 1))
+    meta_types = {k: column_dtype([p.metadata[k] for p in prompts]) for k in prompts[0].metadata}
+    variables, coords = layout(config, record, len(prompts), max_len, chunk_rows, meta_types,
+                               described.tokenizer.vocab_size)
+    expected = {**{name: v.shape for name, v in variables.items()},
+                **{name: values.shape for name, values in coords.items()}}
 
-    # Every check that can fail on input runs before the parameters are loaded.
+    # Every check that can fail on input runs before the parameters are loaded, and before
+    # anything is written. Process 0 creates the store and holds its lock for the whole run.
     distributed.barrier("grokscope-dump: start")  # nobody creates the store before all have looked
-    resumed = out.exists()
-    group = _open_for_resume(out, identity) if resumed else None
-    if resumed and multi and chunk_rows % group["done"].chunks[0]:
-        raise DumpError(f"{out}: its chunks of {group['done'].chunks[0]} sequences do not divide the "
-                        f"{chunk_rows} rows each process writes here; resume it with the process layout "
-                        f"(--mesh, --num-processes, --batch-size) it was started with")
-    model = described if described.params else load_model(mesh=mesh, resolved=described)
-    if not resumed and leader:
-        meta_types = {k: column_dtype([p.metadata[k] for p in prompts]) for k in prompts[0].metadata}
-        variables, coords = layout(config, record, len(prompts), max_len, chunk_rows, meta_types,
-                                   model.tokenizer.vocab_size)
-        attrs = {"grokscope": {"version": grokscope.__version__, "schema": 1}, **identity,
-                 "created": _now(), "finished": None, "status": "in_progress", "num_sequences": len(prompts)}
-        # Created whole beside `out`, then renamed into place: a run killed while creating
-        # leaves no half-made store at `out`, only a `.creating` directory the next run replaces.
-        staging = out.with_name(out.name + ".creating")
-        try:
-            if staging.exists():
-                shutil.rmtree(staging)
-            staged = create(staging, variables, coords, attrs)
-            staged["vocab_piece"][:] = np.array(model.tokenizer.pieces(range(model.tokenizer.vocab_size)),
-                                                dtype=object)
-            os.replace(staging, out)
-        except OSError as e:
-            raise DumpError(f"cannot create {out}: {e}") from None
-    if not resumed:
-        distributed.barrier("grokscope-dump: created")  # the others wait for process 0's store
-        group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)
-
-    done = np.asarray(group["done"][:])
-    todo = [b for b in range(-(-len(prompts) // batch_size))
-            if not done[b * batch_size: (b + 1) * batch_size].all()]
-    bar = _Progress(sum(min(batch_size, len(prompts) - b * batch_size) for b in todo), progress and leader)
-    writer = StoreWriter(group)
-    written = 0
+    existed = os.path.lexists(out)
+    resumed, group, lock = existed, None, None
     try:
-        for b in todo:
-            row0 = b * batch_size
-            batch_ids = ids[row0: row0 + batch_size]
-            n = len(batch_ids)
-            length = bucket_length(max(len(i) for i in batch_ids), max_len)
-            tokens, outputs = run_batch(model, record, batch_ids, length, compute_dtype, batch_size)
-            host = {"tokens": tokens, "length": np.array([len(i) for i in batch_ids] + [0] * (batch_size - n), np.int32),
-                    "prompt": np.array([p.text for p in prompts[row0: row0 + n]], dtype=object)}
-            for key in prompts[0].metadata:
-                host[key] = np.array([p.metadata[key] for p in prompts[row0: row0 + n]], dtype=object)
-            writer.put(row0, n, {**host, **outputs}, rows=owned)
-            written += n if owned is None else sum(max(0, min(r1, n) - r0) for r0, r1 in owned)
-            bar.update(n, sum(len(i) for i in batch_ids))
+        if existed:
+            group = _open_for_resume(out, identity, expected, len(prompts))
+            if leader:
+                lock = _lock_store(out, progress)
+            _check_chunks(group, chunk_rows, multi, out)
+        if leader:
+            _remove_stale_staging(out)
+        model = described if described.params else load_model(mesh=mesh, resolved=described)
+        if not existed and leader:
+            attrs = {"grokscope": {"version": __version__, "schema": 1}, **identity,
+                     "checkpoint_content": _checkpoint_content(model), "created": _now(), "finished": None,
+                     "status": "in_progress", "num_sequences": len(prompts)}
+            pieces = np.array(model.tokenizer.pieces(range(model.tokenizer.vocab_size)), dtype=object)
+            try:
+                published, lock = _create_store(out, variables, coords, attrs, pieces)
+            except OSError as e:
+                raise DumpError(f"cannot create {out}: {e}") from None
+            if not published:
+                # Another dump created `out` first: resume it as a later run would (refused
+                # while that dump holds its lock).
+                resumed = True
+                group = _open_for_resume(out, identity, expected, len(prompts))
+                lock = _lock_store(out, progress)
+                _check_chunks(group, chunk_rows, multi, out)
+        if not existed:
+            distributed.barrier("grokscope-dump: created")  # the others wait for process 0's store
+        if group is None:
+            group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)
+
+        done = np.asarray(group["done"][:])
+        todo = [b for b in range(-(-len(prompts) // batch_size))
+                if not done[b * batch_size: (b + 1) * batch_size].all()]
+        _check_checkpoint_content(dict(group.attrs), model, out, bool(todo))
+        bar = _Progress(sum(min(batch_size, len(prompts) - b * batch_size) for b in todo), progress and leader)
+        writer = StoreWriter(group)
+        written = 0
+        try:
+            for b in todo:
+                row0 = b * batch_size
+                batch_ids = ids[row0: row0 + batch_size]
+                n = len(batch_ids)
+                length = bucket_length(max(len(i) for i in batch_ids), max_len)
+                tokens, outputs, _ = run_ids(model, batch_ids, length, record, batch_size,
+                                             compute_dtype=compute_dtype)
+                outputs = to_store_dtypes(outputs)
+                host = {"tokens": tokens,
+                        "length": np.array([len(i) for i in batch_ids] + [0] * (batch_size - n), np.int32),
+                        "prompt": np.array([p.text for p in prompts[row0: row0 + n]], dtype=object)}
+                for key in prompts[0].metadata:
+                    host[key] = np.array([p.metadata[key] for p in prompts[row0: row0 + n]], dtype=object)
+                writer.put(row0, n, {**host, **outputs}, rows=owned)
+                written += n if owned is None else sum(max(0, min(r1, n) - r0) for r0, r1 in owned)
+                bar.update(n, sum(len(i) for i in batch_ids))
+        finally:
+            writer.close()
+        bar.update(0, 0, final=True)
+        distributed.barrier("grokscope-dump: written")  # every process's writes are done
+        if leader and np.asarray(group["done"][:]).all():
+            group.attrs.update({"status": "complete", "finished": _now()})
     finally:
-        writer.close()
-    bar.update(0, 0, final=True)
-    distributed.barrier("grokscope-dump: written")  # every process's writes are done
-    if leader and np.asarray(group["done"][:]).all():
-        group.attrs.update({"status": "complete", "finished": _now()})
+        if lock is not None:
+            os.close(lock)
     seconds = time.perf_counter() - t0
     return DumpSummary(str(out), len(prompts), sum(len(i) for i in ids), written, writer.bytes_written,
                        seconds, resumed, writer.seconds_writing)

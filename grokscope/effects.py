@@ -1,7 +1,7 @@
 """What an intervention does to the model's predictions and to routing downstream.
 
-`effects(session, prompts, interventions)` runs every prompt twice (as is and intervened), in
-batches, and returns per position:
+`effects(session, prompts, interventions)` compares the intervened model with the model as it
+is on every prompt and returns per position:
 
   delta_loss       next-token loss of the intervened model minus the original's, in nats:
                    -log p'(x_{t+1}) + log p(x_{t+1}) (NaN at the last token and at padding)
@@ -11,6 +11,11 @@ batches, and returns per position:
 
 as an `xarray.Dataset` (sequence, position[, layer]) with the prompts' tokens, lengths, text
 and metadata, in the store's naming; `out=` also writes it as a zarr store.
+
+Everything is reduced on the device (`grokscope.runner.compare`): per batch only [B, T] and
+[B, T, layers] arrays reach the host. The unintervened model's side is computed once per
+prompt set: pass `baseline=effects_baseline(session, prompts)` to reuse it across many
+interventions (it stays on the device: B x T x vocab float32 per batch).
 """
 
 from __future__ import annotations
@@ -20,34 +25,43 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["effects"]
+__all__ = ["effects", "effects_baseline"]
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+def _ids(session, texts: Sequence[str], source: str) -> list[list[int]]:
+    from grokscope.runner import encode
+
+    return encode(session.tokenizer, texts, session.config.sequence_len, None, list(range(1, len(texts) + 1)),
+                  source)
+
+
+def effects_baseline(session, prompts: str | Sequence[str], batch_size: int = 8):
+    """The model as it is on `prompts`, kept on the device, for `effects(..., baseline=)`."""
+    from grokscope.runner import baseline
+
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not texts:
+        raise ValueError("effects_baseline: no prompts")
+    return baseline(session.loaded_model, _ids(session, texts, "effects_baseline"), batch_size,
+                    session.compute_dtype)
 
 
 def effects(session, prompts: str | Sequence[str], interventions: Sequence, batch_size: int = 8,
-            metadata: dict[str, Sequence[Any]] | None = None, out: str | Path | None = None):
+            metadata: dict[str, Sequence[Any]] | None = None, out: str | Path | None = None, baseline=None):
     """Effects of `interventions` (applied together) on each prompt, per position.
 
     Args:
       session: a `grokscope.Session`.
       prompts: a string or a list of strings.
       interventions: `grokscope.interventions` objects (ban, zero, force, swap, ...).
-      batch_size: prompts per forward.
+      batch_size: prompts per forward (ignored when `baseline` is given: its batches are used).
       metadata: per-prompt columns kept in the result (e.g. {"label": [...]}).
       out: also write the result to this zarr store (refuses an existing path).
+      baseline: `effects_baseline(session, prompts)` of these same prompts, to reuse.
     """
-    import jax
     import xarray as xr
 
-    from grokscope.dump import encode_prompts
-    from grokscope.forward import jitted_forward
-    from grokscope.record import RecordSpec
-    from grokscope.session import bucket_length
+    from grokscope.runner import compare
 
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts:
@@ -58,49 +72,30 @@ def effects(session, prompts: str | Sequence[str], interventions: Sequence, batc
     config = session.config
     for iv in interventions:
         iv.check(config)
-    ids = encode_prompts(session.tokenizer, texts, config.sequence_len, None, list(range(1, len(texts) + 1)),
-                         "effects")
-    N, P, L = len(texts), max(len(i) for i in ids), config.num_layers
-    delta = np.full((N, P), np.nan, np.float32)
-    kl = np.full((N, P), np.nan, np.float32)
-    top1 = np.zeros((N, P), bool)
-    routing = np.zeros((N, P, L), bool)
-    tokens_out = np.zeros((N, P), np.int32)
-    spec = RecordSpec()
-    original = jitted_forward(config, spec, session.compute_dtype, "sparse")
-    intervened = jitted_forward(config, spec, session.compute_dtype, "sparse", interventions)
-    for row0 in range(0, N, batch_size):
-        batch = ids[row0:row0 + batch_size]
-        length = bucket_length(max(len(i) for i in batch), config.sequence_len)
-        tokens = np.zeros((batch_size, length), np.int32)
-        for r, seq in enumerate(batch):
-            tokens[r, :len(seq)] = seq
-        positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-        mesh = session.mesh
-        if mesh is not None:
-            from grokscope.sharding import batch_sharding, place
-
-            tokens_in = place(tokens, batch_sharding(mesh, tokens.shape))
-            positions_in = place(positions, batch_sharding(mesh, positions.shape))
-            with jax.set_mesh(mesh):
-                results = (original(session.params, tokens_in, positions_in),
-                           intervened(session.params, tokens_in, positions_in))
-        else:
-            results = (original(session.params, tokens, positions), intervened(session.params, tokens, positions))
-        (logits_a, rec_a), (logits_b, rec_b) = jax.device_get(results)
-        logp_a, logp_b = _log_softmax(logits_a), _log_softmax(logits_b)
-        for r, seq in enumerate(batch):
-            n, row = len(seq), row0 + r
-            tokens_out[row, :n] = seq
-            if n > 1:
-                nxt = np.asarray(seq[1:])
-                at = np.arange(n - 1)
-                delta[row, :n - 1] = logp_a[r, at, nxt] - logp_b[r, at, nxt]
-                p = np.exp(logp_a[r, :n - 1])
-                kl[row, :n - 1] = (p * (logp_a[r, :n - 1] - logp_b[r, :n - 1])).sum(-1)
-            top1[row, :n] = logits_a[r, :n].argmax(-1) != logits_b[r, :n].argmax(-1)
-            routing[row, :n] = rec_a["expert_index"][r, :n, :, 0] != rec_b["expert_index"][r, :n, :, 0]
+    N = len(texts)
+    for name, values in (metadata or {}).items():
+        if len(values) != N:
+            raise ValueError(f"effects: metadata {name!r} has {len(values)} values for {N} prompts")
+    if out is not None and Path(out).exists():
+        raise FileExistsError(f"effects: {out} exists; choose another path")
+    ids = _ids(session, texts, "effects")
+    if baseline is None:
+        baseline = effects_baseline(session, texts, batch_size)
+    elif [list(i) for i in baseline.ids] != ids or baseline.compute_dtype != session.compute_dtype:
+        raise ValueError("effects: the baseline was computed for other prompts (or another compute dtype)")
+    changes = compare(session.loaded_model, baseline, interventions)
     lengths = np.array([len(i) for i in ids], np.int32)
+    P = int(lengths.max())
+    position = np.arange(P)[None, :]
+    has_next = position < (lengths - 1)[:, None]  # [N, P]: positions with a next token
+    valid = position < lengths[:, None]
+    delta = np.where(has_next, changes["delta_loss"], np.nan).astype(np.float32)
+    kl = np.where(has_next, changes["kl"], np.nan).astype(np.float32)
+    top1 = changes["top1_changed"] & valid
+    routing = changes["routing_changed"] & valid[..., None]
+    tokens_out = np.zeros((N, P), np.int32)
+    for row, seq in enumerate(ids):
+        tokens_out[row, :len(seq)] = seq
     data = {
         "tokens": (("sequence", "position"), tokens_out),
         "length": (("sequence",), lengths),
@@ -114,16 +109,11 @@ def effects(session, prompts: str | Sequence[str], interventions: Sequence, batc
                                              dtype=np.dtypes.StringDType())),
     }
     for name, values in (metadata or {}).items():
-        if len(values) != N:
-            raise ValueError(f"effects: metadata {name!r} has {len(values)} values for {N} prompts")
         values = np.asarray(values)
         data[name] = (("sequence",), values.astype(np.dtypes.StringDType()) if values.dtype.kind in "UO" else values)
-    ds = xr.Dataset(data, coords={"layer": np.arange(L, dtype=np.int32)},
+    ds = xr.Dataset(data, coords={"layer": np.arange(config.num_layers, dtype=np.int32)},
                     attrs={"grokscope": {"kind": "effects"}, "interventions": [iv.describe() for iv in interventions],
                            "model_config": config.to_dict()})
     if out is not None:
-        out = Path(out)
-        if out.exists():
-            raise FileExistsError(f"effects: {out} exists; choose another path")
-        ds.to_zarr(out, zarr_format=3, consolidated=False)
+        ds.to_zarr(Path(out), zarr_format=3, consolidated=False)
     return ds

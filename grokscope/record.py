@@ -53,56 +53,119 @@ Selection = Literal["all"] | tuple[int, ...]
 
 
 class Quantity(NamedTuple):
-    """Registry entry for one recorded quantity (dims as stored, with `sequence` first)."""
+    """Registry entry for one recorded quantity: the one definition every other place reads.
+
+    Attributes:
+      dims: dims as stored, `sequence` first; exactly one is a layer dim (`layer`,
+        `attn_layer`, `residual_layer` or `expert_layer`), on which per-layer values stack.
+      dtype: the dtype in the store.
+      long_name, units, description: the store's attributes (and the views' labels).
+      selected_by: the `RecordSpec` field that selects it: "routing" (every layer),
+        "attention", "residual" or "expert_outputs" (the layers that field names).
+      fill: the store's fill value (also written at padding positions).
+    """
 
     dims: tuple[str, ...]
-    dtype: str  # dtype in the store
+    dtype: str
     long_name: str
     units: str
     description: str
+    selected_by: str
+    fill: int | float = 0
 
+    @property
+    def layer_dim(self) -> str:
+        return next(d for d in self.dims if d in LAYER_DIMS)
+
+    @property
+    def layer_axis(self) -> int:
+        """The axis of the layer dim (where `collect` stacks the per-layer probes)."""
+        return self.dims.index(self.layer_dim)
+
+    @property
+    def position_axis(self) -> int:
+        """The axis of `position` (or `query`, for attention maps)."""
+        return next(i for i, d in enumerate(self.dims) if d in ("position", "query"))
+
+
+LAYER_DIMS = ("layer", "attn_layer", "residual_layer", "expert_layer")
 
 QUANTITIES: dict[str, Quantity] = {
     "router_logits": Quantity(
         ("sequence", "position", "layer", "expert"), "float32", "router logits", "logit",
-        "fp32 router logits rms_norm_2(h) @ router.w, before the softmax over all experts"),
+        "fp32 router logits rms_norm_2(h) @ router.w, before the softmax over all experts", "routing"),
     "expert_index": Quantity(
         ("sequence", "position", "layer", "slot"), "int8", "selected expert", "expert",
-        "top-k experts of softmax(router_logits), largest probability first"),
+        "top-k experts of softmax(router_logits), largest probability first", "routing", -1),
     "expert_gate": Quantity(
         ("sequence", "position", "layer", "slot"), "float32", "expert gate", "probability",
-        "top-k probabilities of softmax(router_logits) over all experts, not renormalised"),
+        "top-k probabilities of softmax(router_logits) over all experts, not renormalised", "routing"),
     "attn_weights": Quantity(
         ("sequence", "attn_layer", "head", "query", "key"), "float16", "attention weight", "probability",
-        "softmax attention probabilities of each selected head"),
+        "softmax attention probabilities of each selected head", "attention"),
     "attn_weights_head_mean": Quantity(
         ("sequence", "attn_layer", "query", "key"), "float16", "mean attention weight", "probability",
-        "attention probabilities averaged over the selected heads"),
+        "attention probabilities averaged over the selected heads", "attention"),
     "attn_topk_index": Quantity(
         ("sequence", "attn_layer", "head", "query", "rank"), "int32", "attended key", "position",
-        "for each query, the keys with the largest attention weights, largest first"),
+        "for each query, the keys with the largest attention weights, largest first", "attention", -1),
     "attn_topk_weight": Quantity(
         ("sequence", "attn_layer", "head", "query", "rank"), "float16", "attention weight", "probability",
-        "the attention weights of attn_topk_index"),
+        "the attention weights of attn_topk_index", "attention"),
     "residual": Quantity(
         ("sequence", "position", "residual_layer", "hidden"), "float32", "residual stream", "activation",
-        "the residual stream after the decoder layer"),
+        "the residual stream after the decoder layer", "residual"),
     "expert_output": Quantity(
         ("sequence", "position", "expert_layer", "expert", "hidden"), "float32", "expert output", "activation",
-        "what every expert outputs for the token (its GeGLU, before the gate), chosen or not"),
+        "what every expert outputs for the token (its GeGLU, before the gate), chosen or not", "expert_outputs"),
     "moe_output": Quantity(
         ("sequence", "position", "expert_layer", "hidden"), "float32", "MoE output", "activation",
-        "the gate-weighted sum of the chosen experts' outputs (the MoE block's output, before rms_norm_3)"),
+        "the gate-weighted sum of the chosen experts' outputs (the MoE block's output, before rms_norm_3)",
+        "expert_outputs"),
 }
 
-# The probe each quantity comes from, and the axis its per-layer values are stacked on.
-_SOURCE = {
-    "router_logits": ("router_logits", 2), "expert_index": ("expert_index", 2),
-    "expert_gate": ("expert_gate", 2), "attn_weights": ("attn_weights", 1),
-    "attn_weights_head_mean": ("attn_weights", 1), "attn_topk_index": ("attn_weights", 1),
-    "attn_topk_weight": ("attn_weights", 1), "residual": ("residual", 2),
-    "expert_output": ("expert_output", 2), "moe_output": ("moe_output", 2),
-}
+_ATTENTION_PROBE = "attn_weights"  # every attention quantity is a form of this one probe
+
+
+def dim_sizes(config, spec: "RecordSpec", context: int) -> dict[str, int]:
+    """The size of every dim of the recorded quantities for `spec` (resolved against
+    `config`) and sequences of `context` positions."""
+    spec = spec.resolved(config)
+    attention = spec.attention
+    return {"position": context, "query": context, "key": context, "layer": config.num_layers,
+            "expert": config.num_experts, "slot": config.num_selected_experts, "hidden": config.emb_size,
+            "attn_layer": len(attention.layers) if attention else 0,
+            "head": len(attention.heads) if attention else 0,
+            "rank": min(attention.k, context) if attention else 0,
+            "residual_layer": len(spec.residual) if spec.residual is not None else 0,
+            "expert_layer": len(spec.expert_outputs) if spec.expert_outputs is not None else 0}
+
+
+def dim_coords(config, spec: "RecordSpec") -> dict[str, tuple[int, ...]]:
+    """The true numbers along each indexed dim (layers, experts, slots and the recorded
+    subsets `attn_layer`, `head`, `residual_layer`, `expert_layer`) for `spec` resolved."""
+    spec = spec.resolved(config)
+    coords = {"layer": tuple(range(config.num_layers)), "expert": tuple(range(config.num_experts)),
+              "slot": tuple(range(config.num_selected_experts))}
+    if spec.attention is not None:
+        coords["attn_layer"] = spec.attention.layers
+        coords["head"] = spec.attention.heads
+    if spec.residual is not None:
+        coords["residual_layer"] = spec.residual
+    if spec.expert_outputs is not None:
+        coords["expert_layer"] = spec.expert_outputs
+    return coords
+
+
+def _selected_layers(quantity: Quantity, spec: "RecordSpec", num_layers: int) -> tuple[int, ...] | None:
+    """The layers at which `spec` (resolved) records `quantity`; None: not recorded."""
+    field = quantity.selected_by
+    if field == "routing":
+        return tuple(range(num_layers)) if spec.routing else None
+    if field == "attention":
+        return spec.attention.layers if spec.attention is not None else None
+    return getattr(spec, field)
+
 
 ATTENTION_FORMATS = ("full", "head_mean", "topk")
 
@@ -178,16 +241,11 @@ class RecordSpec:
     @property
     def names(self) -> tuple[str, ...]:
         """Names of the recorded quantities, in registry order."""
-        names = set()
-        if self.routing:
-            names |= {"router_logits", "expert_index", "expert_gate"}
-        if self.attention is not None:
-            names |= set(self.attention.names)
-        if self.residual is not None:
-            names.add("residual")
-        if self.expert_outputs is not None:
-            names |= {"expert_output", "moe_output"}
-        return tuple(n for n in QUANTITIES if n in names)
+        forms = set(self.attention.names) if self.attention is not None else set()
+        return tuple(name for name, q in QUANTITIES.items()
+                     if (q.selected_by == "routing" and self.routing)
+                     or (q.selected_by == "attention" and name in forms)
+                     or (q.selected_by not in ("routing", "attention") and getattr(self, q.selected_by) is not None))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -238,7 +296,11 @@ class RecordSpec:
             else:
                 items.append(token.split(":"))
         routing, attention, residual, experts = False, None, None, None
+        given: set[str] = set()
         for name, *options in items:
+            if name in given:
+                raise ValueError(f"--record: {name} given twice; give each quantity once")
+            given.add(name)
             opts = {}
             for option in options:
                 key, sep, value = option.partition("=")
@@ -253,35 +315,52 @@ class RecordSpec:
                 unknown = set(opts) - {"layers", "heads", "format", "k"}
                 if unknown:
                     raise ValueError(f"--record: unknown attention options {sorted(unknown)}")
-                attention = AttentionSpec(
-                    layers=_parse_indices(opts.get("layers", "all")), heads=_parse_indices(opts.get("heads", "all")),
-                    format=opts.get("format", "topk"), k=int(opts.get("k", 16)))
+                try:
+                    attention = AttentionSpec(
+                        layers=_parse_indices(opts.get("layers", "all"), "attention layers"),
+                        heads=_parse_indices(opts.get("heads", "all"), "attention heads"),
+                        format=opts.get("format", "topk"), k=_parse_int(opts.get("k", "16"), "attention k"))
+                except ValueError as e:
+                    message = str(e)
+                    raise ValueError(message if message.startswith("--record") else f"--record: {message}") from None
             elif name == "residual":
                 unknown = set(opts) - {"layers"}
                 if unknown:
                     raise ValueError(f"--record: unknown residual options {sorted(unknown)}")
-                residual = _parse_indices(opts.get("layers", "all"))
+                residual = _parse_indices(opts.get("layers", "all"), "residual layers")
             elif name == "expert_outputs":
                 unknown = set(opts) - {"layers"}
                 if unknown:
                     raise ValueError(f"--record: unknown expert_outputs options {sorted(unknown)}")
-                experts = _parse_indices(opts.get("layers", "all"))
+                experts = _parse_indices(opts.get("layers", "all"), "expert_outputs layers")
             else:
                 raise ValueError(f"--record: unknown quantity {name!r}; expected routing, attention, residual "
                                  f"or expert_outputs")
         return cls(routing=routing, attention=attention, residual=residual, expert_outputs=experts)
 
 
-def _parse_indices(text: str) -> Selection:
+def _parse_int(text: str, what: str) -> int:
+    """A decimal integer option of --record, e.g. `k=16`; the error names the option."""
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ValueError(f"--record: {what}: expected an integer, got {text!r}")
+    return int(text)
+
+
+def _parse_indices(text: str, what: str = "layers") -> Selection:
+    """`all`, or numbers and LOW-HIGH ranges separated by commas; the error names the option."""
     if text == "all":
         return "all"
     out: list[int] = []
     for part in text.split(","):
-        lo, sep, hi = part.partition("-")
-        try:
-            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-        except ValueError:
-            raise ValueError(f"--record: expected 'all', numbers or ranges like 0-3, got {text!r}") from None
+        match = re.fullmatch(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", part)
+        if match is None:
+            raise ValueError(f"--record: {what}: expected 'all', numbers or ranges like 0-3, got {text!r}")
+        lo, hi = int(match.group(1)), int(match.group(2) if match.group(2) is not None else match.group(1))
+        if hi < lo:
+            raise ValueError(f"--record: {what}: the range {part.strip()!r} is empty (expected LOW-HIGH, LOW <= HIGH)")
+        if hi - lo >= 1_000_000:
+            raise ValueError(f"--record: {what}: the range {part.strip()!r} is larger than any model's layers or heads")
+        out.extend(range(lo, hi + 1))
     return tuple(out)
 
 
@@ -305,20 +384,16 @@ def record_filter(spec: RecordSpec, config):
     reduces them to the requested format inside the traced computation.
     """
     spec = spec.resolved(config)
-    routing = {"router_logits", "expert_index", "expert_gate"} if spec.routing else set()
+    layers = {name: frozenset(_selected_layers(QUANTITIES[name], spec, config.num_layers))
+              for name in spec.names if QUANTITIES[name].selected_by != "attention"}
 
     def setter(next_setter, value, context):
         name = context.full_name.rsplit("/", 1)[-1]
         layer = _layer_of(context.full_name)
-        if name in routing:
-            return next_setter(value)
-        if name == "residual" and spec.residual is not None and layer in spec.residual:
-            return next_setter(value.astype(jnp.float32))
-        if name in ("expert_output", "moe_output") and spec.expert_outputs is not None and \
-                layer in spec.expert_outputs:
-            return next_setter(value.astype(jnp.float32))
+        if layer in layers.get(name, ()):
+            return next_setter(value.astype(jnp.float32) if jnp.issubdtype(value.dtype, jnp.floating) else value)
         attention = spec.attention
-        if name == "attn_weights" and attention is not None and layer in attention.layers:
+        if name == _ATTENTION_PROBE and attention is not None and layer in attention.layers:
             heads = value[:, jnp.array(attention.heads)] if len(attention.heads) < value.shape[1] else value
             if attention.format == "full":
                 return next_setter({"attn_weights": heads})
@@ -336,8 +411,8 @@ def record_filter(spec: RecordSpec, config):
 def collect(state: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Stacks per-layer probes from haiku state into `Record` arrays with a layer dim.
 
-    Per-layer values are stacked, in layer order, on the axis the registry gives
-    (`layer`/`residual_layer` after position; `attn_layer` after sequence).
+    Per-layer values are stacked, in layer order, on the axis of the quantity's layer dim
+    (`Quantity.layer_axis`).
     """
     per_name: dict[str, dict[int, Any]] = {}
     for module, values in state.items():
@@ -348,7 +423,7 @@ def collect(state: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             leaves = value if isinstance(value, dict) else {name: value}
             for leaf_name, leaf in leaves.items():
                 per_name.setdefault(leaf_name, {})[layer] = leaf
-    return {name: jnp.stack([layers[i] for i in sorted(layers)], axis=_SOURCE[name][1])
+    return {name: jnp.stack([layers[i] for i in sorted(layers)], axis=QUANTITIES[name].layer_axis)
             for name, layers in per_name.items()}
 
 

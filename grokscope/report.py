@@ -49,9 +49,11 @@ def write_report(source: xr.Dataset | str, out: str | Path, by: str | None = Non
     name = str(source) if not isinstance(source, xr.Dataset) else "(in-memory Dataset)"
     ds = open_store(str(source)) if not isinstance(source, xr.Dataset) else source
     if "expert_index" not in ds:
-        raise ValueError(f"{name}: no routing recorded (expert_index); a report needs RecordSpec(routing=True)")
-    if ds.sizes["sequence"] == 0:
-        raise ValueError(f"{name}: no finished sequences to report")
+        raise ValueError(f"{name}: no routing recorded (expert_index missing); dump with --record routing "
+                         f"(RecordSpec(routing=True)) to report on it")
+    if ds.sizes.get("sequence", 0) == 0:
+        raise ValueError(f"{name}: 0 finished sequences (store status {ds.attrs.get('status', '?')}); "
+                         f"nothing to report")
     columns = group_columns(ds)
     if by is None and "label" in columns:
         by = "label"

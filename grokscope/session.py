@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from grokscope.config import ModelConfig, load_config
 from grokscope.record import RecordSpec
+from grokscope.runner import bucket_length
 from grokscope.tokenizer import Tokenizer
 
 __all__ = ["Session", "Generation", "LoadedModel", "load_model", "resolve_model", "default_model_dir", "bucket_length"]
@@ -38,6 +39,8 @@ class LoadedModel:
     checkpoint_identity: dict
     mesh: Mesh | None
     directory: Path
+    # {param path: xxh3_128 hex digest of its tensor file}, filled by load_model
+    tensor_digests: dict = dataclasses.field(default_factory=dict)
 
 
 def resolve_model(checkpoint: str | Path | None = None, tokenizer: str | Path | None = None,
@@ -71,18 +74,14 @@ def load_model(checkpoint: str | Path | None = None, tokenizer: str | Path | Non
 
     With no `checkpoint`, the bundled model. `config` defaults to `CHECKPOINT/config.json`;
     `tokenizer` to `CHECKPOINT/tokenizer.model`. `resolved` (from `resolve_model`) skips the
-    resolution.
+    resolution. The files' content digests, hashed while they are read, go to `tensor_digests`.
     """
     from grokscope.checkpoint import load_params
 
     model = resolved or resolve_model(checkpoint, tokenizer, config)
-    params = load_params(model.directory, model.config, mesh=mesh)
-    return dataclasses.replace(model, params=params, mesh=mesh)
-
-
-def bucket_length(n: int, max_len: int, multiple: int = 16) -> int:
-    """Pads a batch's length up to a multiple of `multiple` (fewer recompilations), at most max_len."""
-    return min(max_len, max(multiple, -(-n // multiple) * multiple))
+    digests: dict[str, str] = {}
+    params = load_params(model.directory, model.config, mesh=mesh, digests=digests)
+    return dataclasses.replace(model, params=params, mesh=mesh, tensor_digests=digests)
 
 
 class Session:
@@ -119,6 +118,38 @@ class Session:
         """The device mesh the parameters are on (None: one device)."""
         return self._model.mesh
 
+    @property
+    def loaded_model(self) -> LoadedModel:
+        """The loaded model (config, params, tokenizer, mesh) that `grokscope.runner` runs."""
+        return self._model
+
+    def next_token_distributions(self, token_ids: Sequence[int], position: int, interventions=(),
+                                 n: int = 10) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """The next-token distribution after `position` of `token_ids`, as the model has it and
+        under `interventions`, computed on this session's mesh and compute dtype.
+
+        Returns (token ids, p_original, p_intervened) over the union of both top-`n` tokens,
+        ordered by the original probability.
+        """
+        import jax
+
+        from grokscope.runner import run_ids
+
+        token_ids = [int(t) for t in token_ids]
+        if not 0 <= position < len(token_ids):
+            raise ValueError(f"next_token_distributions: position {position} outside the {len(token_ids)} tokens")
+        length = bucket_length(len(token_ids), self.config.sequence_len)
+        at = np.array([position], np.int32)
+        common = dict(compute_dtype=self.compute_dtype, outputs=("last_logprobs",), at=at)
+        _, _, original = run_ids(self._model, [token_ids], length, RecordSpec(routing=False), **common)
+        _, _, changed = run_ids(self._model, [token_ids], length, RecordSpec(routing=False),
+                                interventions=tuple(interventions), **common)
+        p = np.exp(np.asarray(jax.device_get(original["last_logprobs"][0]), np.float64))
+        q = np.exp(np.asarray(jax.device_get(changed["last_logprobs"][0]), np.float64))
+        ids = list(dict.fromkeys([int(i) for i in np.argsort(-p)[:n]] + [int(i) for i in np.argsort(-q)[:n]]))
+        ids.sort(key=lambda i: -p[i])
+        return ids, p[ids], q[ids]
+
     def run(self, prompts: str | Sequence[str], record: RecordSpec | None = None,
             metadata: dict[str, Sequence[Any]] | None = None):
         """Runs one prompt or a list of them; returns the store's Dataset, in memory.
@@ -128,19 +159,20 @@ class Session:
           record: what to record (default: the session's RecordSpec).
           metadata: optional per-prompt columns, e.g. {"label": ["code", "prose"]}.
         """
-        from grokscope.dump import encode_prompts, run_batch
+        from grokscope.record import to_store_dtypes
+        from grokscope.runner import encode, run_ids
 
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not texts:
             raise ValueError("Session.run: no prompts")
         record = record or self.record
         _check_metadata(metadata, len(texts))
-        ids = encode_prompts(self.tokenizer, texts, self.config.sequence_len, truncate=None,
-                             lines=list(range(1, len(texts) + 1)), source="Session.run")
+        ids = encode(self.tokenizer, texts, self.config.sequence_len, truncate=None,
+                     lines=list(range(1, len(texts) + 1)), source="Session.run")
         max_len = max(1, max(len(i) for i in ids))
-        tokens, outputs = run_batch(self._model, record, ids, bucket_length(max_len, self.config.sequence_len),
-                                    self.compute_dtype)
-        return self._dataset(texts, ids, tokens, outputs, record, metadata)
+        tokens, outputs, _ = run_ids(self._model, ids, bucket_length(max_len, self.config.sequence_len), record,
+                                     compute_dtype=self.compute_dtype)
+        return self._dataset(texts, ids, tokens, to_store_dtypes(outputs), record, metadata)
 
     def _dataset(self, texts, ids, tokens, outputs, record: RecordSpec, metadata=None, extra=None):
         """The store's Dataset for these sequences: `tokens` [N, >= longest], `outputs` the
@@ -237,8 +269,7 @@ class Session:
         all_ids = ids + new
         outputs = {}
         for name in records[0]:
-            axis = next(i for i, d in enumerate(QUANTITIES[name].dims) if d in ("position", "query"))
-            outputs[name] = np.concatenate([r[name] for r in records], axis=axis)
+            outputs[name] = np.concatenate([r[name] for r in records], axis=QUANTITIES[name].position_axis)
         generated = np.zeros((1, len(all_ids)), bool)
         generated[0, len(ids):] = True
         extra = {"generated": (Variable("generated", ("sequence", "position"), generated.shape, bool,

@@ -15,12 +15,16 @@ Schema (N sequences, P = max_len positions):
   vocab_piece   (vocab,) string, the tokenizer's piece for every id (labels without a tokenizer)
   + the recorded quantities of `grokscope.record.QUANTITIES` selected by the RecordSpec,
   + coordinates layer, expert, slot, attn_layer, head, residual_layer, expert_layer (true numbers).
-Root attributes: see `provenance` in `grokscope.dump`.
+Root attributes: see `provenance` in `grokscope.dump`; `grokscope.schema` is `SCHEMA_VERSION`.
+
+`open_store` checks a store before opening it (`check_store`: metadata, schema, and every chunk
+the finished sequences need), so a damaged store is an error naming the array and chunk.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import queue
 import threading
 from typing import Any, Mapping, Sequence
@@ -29,19 +33,23 @@ import jax
 import numpy as np
 import zarr
 
-from grokscope.record import QUANTITIES, RecordSpec
+from grokscope.record import LAYER_DIMS, QUANTITIES, RecordSpec, dim_coords, dim_sizes
 
 __all__ = ["Variable", "layout", "record_bytes_per_token", "create", "row_blocks", "write_batch", "StoreWriter", "open_store", "token_pieces", "dataset_from_arrays", "describe", "column_dtype", "mask_padding",
-           "StoreError", "RESERVED_NAMES"]
+           "StoreError", "RESERVED_NAMES", "SCHEMA_VERSION", "StoreCheck", "check_store", "verify_store"]
 
 _TARGET_CHUNK_BYTES = 8 * 1024**2
 # Blosc LZ4 with byte shuffle: compresses activations about as well as zarr's default zstd
 # here, at several times its speed, so writing keeps up with the forward.
 _NUMERIC_COMPRESSORS = [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
-_FILL = {"expert_index": -1, "attn_topk_index": -1}
 
+# The store layout this code reads and writes (root attribute `grokscope.schema`).
+SCHEMA_VERSION = 1
+
+# Names a metadata column may not take: the store's own arrays, every recorded quantity and
+# every dim that has a coordinate array.
 RESERVED_NAMES = frozenset({"tokens", "length", "prompt", "done", "vocab_piece", "layer", "expert", "slot",
-                            "attn_layer", "head", "residual_layer", "expert_layer"} | set(QUANTITIES))
+                            "head", *LAYER_DIMS, *QUANTITIES})
 
 
 class StoreError(ValueError):
@@ -97,18 +105,7 @@ def layout(config, spec: RecordSpec, num_sequences: int, max_len: int, batch_siz
     Returns ({name: Variable}, {coord name: values}).
     """
     spec = spec.resolved(config)
-    attention = spec.attention
-    sizes = {
-        "sequence": num_sequences, "position": max_len, "layer": config.num_layers,
-        "expert": config.num_experts, "slot": config.num_selected_experts,
-        "query": max_len, "key": max_len, "hidden": config.emb_size,
-        "attn_layer": len(attention.layers) if attention else 0,
-        "head": len(attention.heads) if attention else 0,
-        "rank": min(attention.k, max_len) if attention else 0,
-        "residual_layer": len(spec.residual) if spec.residual is not None else 0,
-        "expert_layer": len(spec.expert_outputs) if spec.expert_outputs is not None else 0,
-        "vocab": vocab_size or 0,
-    }
+    sizes = {**dim_sizes(config, spec, max_len), "sequence": num_sequences, "vocab": vocab_size or 0}
 
     def var(name, dims, dtype, attrs, fill=0):
         shape = tuple(sizes[d] for d in dims)
@@ -137,34 +134,17 @@ def layout(config, spec: RecordSpec, num_sequences: int, max_len: int, batch_siz
         q = QUANTITIES[name]
         variables[name] = var(name, q.dims, np.dtype(q.dtype),
                               {"long_name": q.long_name, "units": q.units, "description": q.description},
-                              _FILL.get(name, 0))
-    coords = {"layer": np.arange(config.num_layers, dtype=np.int32),
-              "expert": np.arange(config.num_experts, dtype=np.int32),
-              "slot": np.arange(config.num_selected_experts, dtype=np.int32)}
-    if attention:
-        coords["attn_layer"] = np.array(attention.layers, dtype=np.int32)
-        coords["head"] = np.array(attention.heads, dtype=np.int32)
-    if spec.residual is not None:
-        coords["residual_layer"] = np.array(spec.residual, dtype=np.int32)
-    if spec.expert_outputs is not None:
-        coords["expert_layer"] = np.array(spec.expert_outputs, dtype=np.int32)
+                              q.fill)
+    coords = {name: np.array(values, dtype=np.int32) for name, values in dim_coords(config, spec).items()}
     return variables, coords
 
 
 def record_bytes_per_token(config, spec: RecordSpec, context: int) -> dict[str, float]:
     """Uncompressed bytes per token of each recorded quantity, from the schema (dims and store
     dtypes), for sequences of `context` tokens (attention maps grow with it)."""
-    spec = spec.resolved(config)
-    attention = spec.attention
-    sizes = {"layer": config.num_layers, "expert": config.num_experts, "slot": config.num_selected_experts,
-             "hidden": config.emb_size, "key": context,
-             "attn_layer": len(attention.layers) if attention else 0,
-             "head": len(attention.heads) if attention else 0,
-             "rank": min(attention.k, context) if attention else 0,
-             "residual_layer": len(spec.residual) if spec.residual is not None else 0,
-             "expert_layer": len(spec.expert_outputs) if spec.expert_outputs is not None else 0}
+    sizes = dim_sizes(config, spec, context)
     out = {}
-    for name in spec.names:
+    for name in spec.resolved(config).names:
         q = QUANTITIES[name]
         per_token = np.prod([sizes[d] for d in q.dims if d not in ("sequence", "position", "query")])
         out[name] = float(per_token * np.dtype(q.dtype).itemsize)
@@ -180,8 +160,10 @@ def create(path, variables: Mapping[str, Variable], coords: Mapping[str, np.ndar
                            fill_value=v.fill_value, attributes=v.attrs, compressors=compressors,
                            chunk_key_encoding={"name": "default", "separator": "."})
     for name, values in coords.items():
+        # Written even when every value equals the fill (a coordinate [0]): a dump has all its chunks.
         array = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape,
-                                   dimension_names=(name,), attributes={"long_name": name, "units": "index"})
+                                   dimension_names=(name,), attributes={"long_name": name, "units": "index"},
+                                   config={"write_empty_chunks": True})
         array[...] = values
     group.attrs.update(attrs)
     return group
@@ -211,7 +193,7 @@ def mask_padding(name: str, block: np.ndarray, lengths: np.ndarray, starts: Sequ
             block = block.copy()
         moved = np.moveaxis(block, axis, 1)  # a view: [rows, position, ...]
         for row, start in enumerate(first_pad):
-            moved[row, start:] = _FILL.get(name, 0)
+            moved[row, start:] = q.fill
     return block
 
 
@@ -439,8 +421,453 @@ class StoreWriter:
         self._raise_if_failed()
 
 
+# Dims along which a row's data ends at its length: the writer writes each batch over positions
+# [0, bucket length), so chunks past a row's length may never exist.
+_LENGTH_BOUND_DIMS = frozenset({"position", "query", "key", "rank"})
+_LISTED_PER_ARRAY = 5  # missing chunks of one array named one by one, the rest counted
+
+
+class _DamagedChunk(StoreError):
+    """A chunk object whose bytes cannot be what its codec wrote (e.g. truncated)."""
+
+    def __init__(self, store: str, problem: str):
+        super().__init__(store, problem)  # args rebuild it when pickled (dask.distributed workers)
+        self.store, self.problem = store, problem
+
+    def __str__(self) -> str:
+        return (f"{self.store}: {self.problem}; the store is damaged (`grokscope verify --deep {self.store}` "
+                f"lists every damaged chunk)")
+
+
+def _blosc_problem(data: memoryview) -> str | None:
+    """Blosc frames declare their own length (compressed size, header included) in bytes 12..16."""
+    if len(data) < 16:
+        return f"{len(data)} bytes, shorter than a Blosc header (16)"
+    declared = int.from_bytes(data[12:16], "little")
+    if declared != len(data):
+        return f"its Blosc header declares {declared} bytes, the object has {len(data)}"
+    return None
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+
+
+def _zstd_problem(data: memoryview) -> str | None:
+    """Walks the Zstandard frames' block headers: the length they add up to must be the object's."""
+    n, pos = len(data), 0
+    if n == 0:
+        return "an empty object, not a Zstandard frame"
+    while pos < n:
+        if pos + 5 > n:
+            return f"its Zstandard frame is cut short ({n} bytes)"
+        magic = int.from_bytes(data[pos:pos + 4], "little")
+        if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame: magic, size, payload
+            if pos + 8 > n:
+                return f"its Zstandard frame is cut short ({n} bytes)"
+            pos += 8 + int.from_bytes(data[pos + 4:pos + 8], "little")
+            continue
+        if magic != _ZSTD_MAGIC:
+            return f"no Zstandard frame at byte {pos}"
+        descriptor = data[pos + 4]
+        single_segment = (descriptor >> 5) & 1
+        content_size_bytes = (single_segment, 2, 4, 8)[descriptor >> 6]
+        pos += 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3] + content_size_bytes
+        while True:
+            if pos + 3 > n:
+                return f"its Zstandard frame is cut short (a block header past the object's {n} bytes)"
+            header = int.from_bytes(data[pos:pos + 3], "little")
+            kind = (header >> 1) & 3
+            if kind == 3:
+                return f"a corrupt Zstandard block header at byte {pos}"
+            pos += 3 + (1 if kind == 1 else header >> 3)
+            if header & 1:
+                break
+        pos += 4 * ((descriptor >> 2) & 1)  # content checksum
+    if pos != n:
+        return f"its Zstandard frame needs {pos} bytes, the object has {n}"
+    return None
+
+
+_FRAME_CHECKS = {"blosc": _blosc_problem, "zstd": _zstd_problem}
+
+
+def _frame_kind(meta) -> str | None:
+    """'blosc' or 'zstd' when that compressor writes the stored bytes of the array's chunks."""
+    codecs = getattr(meta, "codecs", ())
+    if not codecs:
+        return None
+    if isinstance(codecs[-1], zarr.codecs.BloscCodec):
+        return "blosc"
+    if isinstance(codecs[-1], zarr.codecs.ZstdCodec):
+        return "zstd"
+    return None
+
+
+def _owner(key: str, arrays) -> str | None:
+    """The array (a key of `arrays`) whose chunk `key` is; None for metadata and other objects."""
+    if key.endswith("zarr.json") or key.endswith(".partial"):
+        return None
+    pos = key.find("/")
+    while pos != -1:
+        if key[:pos] in arrays:
+            return key[:pos]
+        pos = key.find("/", pos + 1)
+    return None
+
+
+class _CheckedStore(zarr.storage.WrapperStore):
+    """A read-only view of another store that refuses chunk objects whose length disagrees with
+    their compressor's framing (a truncated or padded chunk), naming the array and the key,
+    instead of handing them to the decompressor."""
+
+    def __init__(self, store, frames: Mapping[str, str] | None = None, name: str = ""):
+        super().__init__(store)
+        self._frames = dict(frames or {})
+        self._name = name
+
+    def _with_store(self, store):
+        return type(self)(store, self._frames, self._name)
+
+    def __str__(self) -> str:
+        return self._name or str(self._store)
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if value is not None and byte_range is None:
+            array = _owner(key, self._frames)
+            if array is not None:
+                problem = _FRAME_CHECKS[self._frames[array]](memoryview(value.as_numpy_array()))
+                if problem is not None:
+                    raise _DamagedChunk(self._name, f"{array}: chunk {key}: {problem}")
+        return value
+
+    async def _get_many(self, requests):
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+
+def _raw_store(path_or_url: str, storage_options: Mapping[str, Any]):
+    """The zarr store of a local path or an fsspec URL, read-only."""
+    text = str(path_or_url)
+    if "://" in text or "::" in text:
+        return zarr.storage.FsspecStore.from_url(text, storage_options=dict(storage_options) or None,
+                                                 read_only=True)
+    if storage_options:
+        raise StoreError(f"{text}: storage options apply to fsspec URLs only, not to a local path")
+    return zarr.storage.LocalStore(text, read_only=True)
+
+
+@dataclasses.dataclass
+class StoreCheck:
+    """What `check_store` found.
+
+    Attributes:
+      path: the store, as given.
+      problems: one line per problem, each naming the array and chunk key or the file; empty if fine.
+      attrs: the root group's attributes.
+      arrays: {name: zarr ArrayV3Metadata} of every array whose metadata parses.
+      done, length: the `done` flags and `length`s of a dump (None for other stores or if unreadable).
+      chunks: chunk objects in the store; decoded: those read and decoded (`deep`).
+      store: the zarr store the check read through (it refuses damaged chunk objects).
+    """
+
+    path: str
+    problems: list[str] = dataclasses.field(default_factory=list)
+    attrs: dict = dataclasses.field(default_factory=dict)
+    arrays: dict = dataclasses.field(default_factory=dict)
+    done: np.ndarray | None = None
+    length: np.ndarray | None = None
+    chunks: int = 0
+    decoded: int = 0
+    store: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        """One line: "PATH: ok (N sequences complete, ...)" or "PATH: N problems"."""
+        if self.problems:
+            return f"{self.path}: {len(self.problems)} problem{'s' if len(self.problems) > 1 else ''}"
+        parts = []
+        if self.done is not None:
+            finished, total = int(np.sum(self.done)), len(self.done)
+            parts.append(f"{finished} sequences complete" + (f" of {total}" if finished != total else ""))
+        parts.append(f"status {self.attrs.get('status', '?')}")
+        parts.append(f"{len(self.arrays)} arrays, {self.chunks} chunks"
+                     + (f", all {self.decoded} decoded" if self.decoded else ""))
+        return f"{self.path}: ok ({', '.join(parts)})"
+
+
+def _expected_layout(attrs: Mapping[str, Any]) -> tuple[set[str], dict[str, np.ndarray]]:
+    """The arrays a dump with these root attributes holds, and its coordinate values."""
+    from grokscope.config import ModelConfig
+
+    required = {"tokens", "length", "prompt", "done", "vocab_piece"}
+    try:
+        config = ModelConfig.from_dict(attrs["model_config"])
+        spec = RecordSpec.from_dict(attrs["record_spec"])
+        variables, coords = layout(config, spec, 1, int(attrs["max_len"]), 1)
+    except (AttributeError, KeyError, TypeError, ValueError):  # attributes not a dump's: the core arrays only
+        return required, {}
+    return required | set(variables) | set(coords), coords
+
+
+def _grid(meta) -> list[range]:
+    return [range(-(-n // c)) for n, c in zip(meta.shape, meta.chunk_grid.chunk_shape)]
+
+
+def _chunk_region(meta, coords) -> tuple[slice, ...]:
+    return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, meta.chunk_grid.chunk_shape, meta.shape))
+
+
+def _missing_chunks(name: str, meta, present: set[str], done: np.ndarray | None, length: np.ndarray | None,
+                    coords: Mapping[str, np.ndarray]) -> list[str]:
+    """The chunks of one array that a dump's finished sequences (or, without a `sequence` dim,
+    the array itself) need and that are not in the store, one line each."""
+    dims = tuple(meta.dimension_names or ())
+    chunk_shape = meta.chunk_grid.chunk_shape
+    missing: list[tuple[str, str]] = []
+
+    def want(chunk, note=""):
+        key = f"{name}/{meta.encode_chunk_key(tuple(chunk))}"
+        if key not in present:
+            missing.append((key, note))
+
+    if "sequence" not in dims:
+        expected = coords.get(name) if dims == (name,) else None
+        for chunk in itertools.product(*_grid(meta)):
+            if expected is not None:
+                values = expected[_chunk_region(meta, chunk)[0]]
+                if values.size and np.all(values == meta.fill_value):
+                    continue  # e.g. a coordinate [0]: older versions skipped chunks equal to the fill value
+            want(chunk)
+    elif done is not None:
+        axis = dims.index("sequence")
+        rows = np.flatnonzero(done[: meta.shape[axis]])
+        if rows.size:
+            lengths = (np.asarray(length)[rows] if length is not None and len(length) >= len(done)
+                       else np.ones(rows.size, np.int64))
+            block = rows // chunk_shape[axis]
+            starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]])
+            longest = np.maximum.reduceat(lengths, starts)
+            for j, first, last, n_tokens in zip(block[starts], rows[starts],
+                                                 rows[np.r_[starts[1:] - 1, rows.size - 1]], longest):
+                ranges = []
+                for d, (dim, n, c) in enumerate(zip(dims, meta.shape, chunk_shape)):
+                    if d == axis:
+                        ranges.append([int(j)])
+                    elif dim in _LENGTH_BOUND_DIMS:
+                        ranges.append(range(-(-min(int(n_tokens), n) // c)))
+                    else:
+                        ranges.append(range(-(-n // c)))
+                note = f" (sequence {first} is done)" if first == last else f" (sequences {first}..{last} are done)"
+                for chunk in itertools.product(*ranges):
+                    want(chunk, note)
+    lines = [f"{name}: chunk {key} missing{note}" for key, note in missing[:_LISTED_PER_ARRAY]]
+    if len(missing) > _LISTED_PER_ARRAY:
+        lines.append(f"{name}: {len(missing) - _LISTED_PER_ARRAY} more chunks missing")
+    return lines
+
+
+def check_store(path_or_url: str, deep: bool = False, **storage_options) -> StoreCheck:
+    """Checks a store's integrity; the problems found are in the result's `problems`.
+
+    The cheap check (what `open_store` runs) lists the store's keys once and reads the
+    metadata, `done` and `length`: every zarr.json parses; the root is a grokscope store of a
+    schema this code knows; a store whose status is "complete" has every `done` chunk, every
+    flag True; every chunk that a finished sequence's data needs exists (along `position`,
+    `query`, `key` and `rank` the chunks covering the sequence's length, all chunks of other
+    dims) in every array with a `sequence` dim, and arrays without one have all their chunks.
+    `deep` also reads and decodes every chunk, naming those that fail.
+    """
+    import asyncio
+    import json
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+    from zarr.core.sync import sync
+
+    name = str(path_or_url)
+    report = StoreCheck(name)
+    problems = report.problems
+    raw = _raw_store(name, storage_options)
+    prototype = default_buffer_prototype()
+
+    async def list_keys():
+        return [key async for key in raw.list()]
+
+    async def read(keys):
+        values = await asyncio.gather(*(raw.get(key, prototype) for key in keys))
+        return [None if v is None else v.to_bytes() for v in values]
+
+    def parse(key, data):
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            problems.append(f"{key}: not valid JSON ({e})")
+            return None
+
+    arrays_read: dict[str, Any] = {}  # zarr.json key -> its ArrayV3Metadata, None if absent or bad
+
+    def load_arrays(documents):
+        todo = [key for key in documents if key not in arrays_read]
+        for key, data in zip(todo, sync(read(todo))):
+            doc = parse(key, data) if data is not None else None
+            arrays_read[key] = None
+            if isinstance(doc, dict) and doc.get("node_type") == "array":
+                try:
+                    arrays_read[key] = ArrayV3Metadata.from_dict(dict(doc))
+                except Exception as e:  # noqa: BLE001 - zarr raises many types for bad metadata
+                    problems.append(f"{key}: not valid zarr array metadata ({type(e).__name__}: {e})")
+
+    def checked_store(arrays):
+        frames = {a: kind for a, meta in arrays.items() if (kind := _frame_kind(meta)) is not None}
+        return _CheckedStore(raw, frames, name)
+
+    def read_array(store, array):
+        try:
+            return np.asarray(zarr.open_array(store=store, path=array, mode="r", zarr_format=3)[...])
+        except _DamagedChunk as e:
+            problems.append(e.problem)
+        except Exception as e:  # noqa: BLE001 - any decode failure is reported, not raised
+            problems.append(f"{array}: cannot be read ({type(e).__name__}: {e})")
+        return None
+
+    try:
+        root_data = sync(read(["zarr.json"]))[0]
+        if root_data is None:
+            v2 = any(v is not None for v in sync(read([".zgroup", ".zarray"])))
+            problems.append("not a grokscope store (no zarr.json at its root" + (": a zarr v2 store)" if v2 else ")"))
+            return report
+    except FileNotFoundError as e:
+        problems.append(f"not a grokscope store ({e})")
+        return report
+    except OSError as e:
+        problems.append(f"cannot read the store ({type(e).__name__}: {e})")
+        return report
+    root = parse("zarr.json", root_data)
+    if root is None:
+        return report
+    if not isinstance(root, dict) or root.get("node_type") == "array":
+        problems.append("a zarr array, not a grokscope store (a zarr group of arrays)")
+        return report
+    if root.get("node_type") != "group" or root.get("zarr_format") != 3:
+        problems.append("zarr.json: not a zarr v3 group's metadata, so not a grokscope store")
+        return report
+    attrs = report.attrs = dict(root.get("attributes") or {})
+    marker = attrs.get("grokscope")
+    if not isinstance(marker, dict):
+        problems.append("a zarr group, but not a grokscope store (no 'grokscope' attribute)")
+        return report
+    # Datasets grokscope writes through xarray (Session, effects, synthetic) carry a `kind`;
+    # dumps carry the schema version instead.
+    is_dump = "kind" not in marker
+    if is_dump and marker.get("schema") != SCHEMA_VERSION:
+        problems.append(f"zarr.json: attribute grokscope.schema: expected {SCHEMA_VERSION}, got "
+                        f"{marker.get('schema')!r} (a store layout this version of grokscope does not read)")
+        return report
+    if is_dump:
+        # Read before the keys are listed: a writer marks a batch done only after writing all
+        # its data, so every chunk a done flag vouches for is in the listing that follows.
+        load_arrays(["done/zarr.json", "length/zarr.json"])
+        first = {key[: -len("/zarr.json")]: meta for key, meta in arrays_read.items() if meta is not None}
+        early = checked_store(first)
+        if "done" in first:
+            report.done = read_array(early, "done")
+        if "length" in first:
+            report.length = read_array(early, "length")
+
+    try:
+        keys = set(sync(list_keys()))
+    except OSError as e:
+        problems.append(f"cannot list the store ({type(e).__name__}: {e})")
+        return report
+    load_arrays(sorted(k for k in keys if k.endswith("/zarr.json")))
+    arrays = report.arrays = {key[: -len("/zarr.json")]: meta for key, meta in sorted(arrays_read.items())
+                              if meta is not None and key in keys}
+    present: dict[str, set[str]] = {a: set() for a in arrays}
+    orphans: dict[str, int] = {}
+    for key in keys:
+        owner = _owner(key, arrays)
+        if owner is not None:
+            present[owner].add(key)
+        elif "/" in key and not key.endswith("zarr.json") and not key.endswith(".partial"):
+            top = key.split("/", 1)[0]
+            orphans[top] = orphans.get(top, 0) + 1
+    report.chunks = sum(len(v) for v in present.values())
+    for top, count in sorted(orphans.items()):
+        if f"{top}/zarr.json" not in keys:
+            problems.append(f"{top}/zarr.json missing: {count} chunk objects under {top}/ have no array metadata")
+    checked = report.store = checked_store(arrays)
+
+    if is_dump:
+        expected, coords = _expected_layout(attrs)
+        for array in sorted(expected):
+            if array not in arrays and f"{array}/zarr.json" not in keys:
+                problems.append(f"{array}: array missing (no {array}/zarr.json)")
+        done_meta, done = arrays.get("done"), report.done
+        if done_meta is not None and done is not None:
+            done = report.done = done.astype(bool)
+            if attrs.get("status") == "complete":
+                lost = [f"done/{done_meta.encode_chunk_key(c)}" for c in itertools.product(*_grid(done_meta))]
+                lost = [key for key in lost if key not in present["done"]]
+                problems.extend(f"done: chunk {key} missing in a store whose status is complete"
+                                for key in lost[:_LISTED_PER_ARRAY])
+                if len(lost) > _LISTED_PER_ARRAY:
+                    problems.append(f"done: {len(lost) - _LISTED_PER_ARRAY} more chunks missing")
+                if not lost and not done.all():
+                    pending = np.flatnonzero(~done)
+                    problems.append(f"done: {pending.size} of {done.size} sequences not done (first: "
+                                    f"{pending[0]}) in a store whose status is complete")
+            for array, meta in arrays.items():
+                dims = tuple(meta.dimension_names or ())
+                if "sequence" in dims and meta.shape[dims.index("sequence")] != done.size:
+                    problems.append(f"{array}: {meta.shape[dims.index('sequence')]} sequences, "
+                                    f"done has {done.size}")
+        for array, meta in sorted(arrays.items()):
+            problems.extend(_missing_chunks(array, meta, present[array], report.done, report.length, coords))
+
+    if deep:
+        for array, meta in sorted(arrays.items()):
+            try:
+                reader = zarr.open_array(store=checked, path=array, mode="r", zarr_format=3)
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"{array}: cannot be opened ({type(e).__name__}: {e})")
+                continue
+            for chunk in itertools.product(*_grid(meta)):
+                key = f"{array}/{meta.encode_chunk_key(tuple(chunk))}"
+                if key not in present[array]:
+                    continue
+                try:
+                    reader[_chunk_region(meta, chunk)]
+                    report.decoded += 1
+                except _DamagedChunk as e:
+                    problems.append(e.problem)
+                except Exception as e:  # noqa: BLE001 - every failing chunk is named
+                    problems.append(f"{array}: chunk {key} does not decode ({type(e).__name__}: {e})")
+    return report
+
+
+def verify_store(path_or_url: str, deep: bool = False, **storage_options) -> list[str]:
+    """The problems found in a store (empty if it is fine): see `check_store`."""
+    return check_store(path_or_url, deep=deep, **storage_options).problems
+
+
+def _problems_error(path: str, problems: Sequence[str]) -> StoreError:
+    more = len(problems) - 1
+    tail = (f" (and {more} more problem{'s' if more > 1 else ''}; `grokscope verify {path}` lists them)"
+            if more else "")
+    return StoreError(f"{path}: {problems[0]}{tail}")
+
+
 def open_store(path_or_url: str, only_done: bool = True, **storage_options):
     """Opens a dump as a lazy, dask-backed `xarray.Dataset`.
+
+    The store is checked first (`check_store`'s cheap check: its keys listed once, `done` and
+    `length` read): a damaged store raises `StoreError` naming the first problem, never reads
+    as data. Chunks read later whose bytes disagree with their compressor's framing (e.g.
+    truncated) raise `StoreError` naming the array and chunk.
 
     Args:
       path_or_url: a local path or any fsspec URL (`file://`, `memory://`, `s3://` with s3fs).
@@ -450,15 +877,16 @@ def open_store(path_or_url: str, only_done: bool = True, **storage_options):
     """
     import xarray as xr
 
+    check = check_store(path_or_url, **storage_options)
+    if check.problems:
+        raise _problems_error(str(path_or_url), check.problems)
     try:
-        ds = xr.open_zarr(path_or_url, consolidated=False, chunks={}, zarr_format=3,
-                          storage_options=storage_options or None)
+        ds = xr.open_zarr(check.store, consolidated=False, chunks={}, zarr_format=3)
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError) as e:
         raise StoreError(f"{path_or_url}: not a grokscope store ({type(e).__name__}: {e})") from None
-    if "grokscope" not in ds.attrs:
-        raise StoreError(f"{path_or_url}: a zarr group, but not a grokscope store (no 'grokscope' attribute)")
-    if only_done:
-        ds = ds.isel(sequence=np.flatnonzero(ds["done"].values))
+    if only_done and "done" in ds:
+        done = check.done if check.done is not None else ds["done"].values
+        ds = ds.isel(sequence=np.flatnonzero(done))
     return ds
 
 

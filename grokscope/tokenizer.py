@@ -8,7 +8,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-__all__ = ["Tokenizer", "display_piece"]
+__all__ = ["Tokenizer", "TokenizerError", "display_piece"]
 
 _VISIBLE = {" ": "·", "\u2581": "·", "\n": "↵", "\t": "→", "\r": "␍"}
 
@@ -18,16 +18,43 @@ def display_piece(piece: str) -> str:
     return "".join(_VISIBLE.get(ch, ch) for ch in piece)
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be read or is not a SentencePiece model; the message
+    starts with the file's path."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+
+
 class Tokenizer:
-    """A SentencePiece model, e.g. Grok-1's `tokenizer.model` (131,072 pieces)."""
+    """A SentencePiece model, e.g. Grok-1's `tokenizer.model` (131,072 pieces).
+
+    Raises:
+      FileNotFoundError: no such file.
+      TokenizerError: a directory, an unreadable file, or not a SentencePiece model.
+    """
 
     def __init__(self, model_file: str | os.PathLike):
         self.path = Path(model_file)
+        if self.path.is_dir():
+            raise TokenizerError(self.path, "is a directory, not a SentencePiece model file")
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {self.path}")
-        data = self.path.read_bytes()
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise TokenizerError(self.path, f"cannot read it ({e.strerror or e})") from None
+        if not data:
+            raise TokenizerError(self.path, "not a SentencePiece model (the file is empty)")
         self.sha256 = hashlib.sha256(data).hexdigest()
-        self._sp = spm.SentencePieceProcessor(model_proto=data)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=data)
+        except RuntimeError:  # SentencePiece's own errors carry only its source location
+            raise TokenizerError(self.path, "not a SentencePiece model (it does not parse as a SentencePiece "
+                                            "ModelProto)") from None
+        if self._sp.vocab_size() < 1:
+            raise TokenizerError(self.path, "not a SentencePiece model (it holds no pieces)")
 
     @property
     def vocab_size(self) -> int:

@@ -360,7 +360,7 @@ def load_bundled(directory: str | os.PathLike = ASSET_DIR):
 
 
 def _param_counts(config: ModelConfig) -> dict[str, int]:
-    from grokscope.forward import param_shapes
+    from grokscope.layout import param_shapes
 
     shapes = param_shapes(config)
     total = sum(math.prod(s.shape) for s in shapes.values())

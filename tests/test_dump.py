@@ -123,7 +123,7 @@ def test_a_store_of_another_dump_is_refused(tmp_path, tiny_model_dir):
     kwargs = dict(checkpoint=tiny_model_dir, batch_size=2, max_len=128, progress=False)
     dump(prompts, tmp_path / "s.zarr", **kwargs)
     before = _store_arrays(tmp_path / "s.zarr")
-    with pytest.raises(DumpError, match=r"different dump.*\n  record_spec: store has .*'attention': None"):
+    with pytest.raises(DumpError, match=r"different dump; not resuming: record_spec: store has .*'attention': None"):
         dump(prompts, tmp_path / "s.zarr", record=RecordSpec(attention=AttentionSpec()), **kwargs)
     with pytest.raises(DumpError, match="batch_size: store has 2, this run has 4"):
         dump(prompts, tmp_path / "s.zarr", **{**kwargs, "batch_size": 4})
@@ -156,7 +156,7 @@ def test_output_path_that_is_not_a_store(tmp_path, tiny_model_dir):
     (b'{"text": "a"}\n{"txt": "b"}\n', ".jsonl", r'p\.jsonl:2: expected an object with a string "text"'),
     (b'{"text": "a"}\nnot json\n', ".jsonl", r"p\.jsonl:2: not valid JSON"),
     (b'{"text": "a", "label": "x"}\n{"text": "b"}\n', ".jsonl", r"p\.jsonl:2: missing metadata fields \['label'\]"),
-    (b'{"text": "a", "tokens": 1}\n', ".jsonl", r"field names \['tokens'\] are reserved"),
+    (b'{"text": "a", "tokens": 1}\n', ".jsonl", r"p\.jsonl:1: field name 'tokens': reserved by the store"),
     (b"a\n", ".csv", "expected a .txt"),
 ])
 def test_bad_prompt_files_are_named(tmp_path, tiny_model_dir, content, suffix, message):
@@ -229,10 +229,13 @@ def test_a_dump_on_a_mesh_writes_every_row(tmp_path, tiny_model_dir):
 
 def test_a_run_killed_while_creating_the_store_leaves_nothing_half_made(tmp_path, tiny_model_dir):
     prompts = _prompts(tmp_path / "p.jsonl", 3)
-    staging = tmp_path / "s.zarr.creating"
-    staging.mkdir()
-    (staging / "zarr.json").write_text("{}")  # what a killed creation leaves behind
+    # what a run killed while creating leaves: its staging directory, marked, its lock released
+    staging = tmp_path / ".s.zarr.creating-999999-0123456789ab"
+    (staging / "store").mkdir(parents=True)
+    (staging / "store" / "zarr.json").write_text("{}")
+    (staging / "grokscope-staging.json").write_text(json.dumps({"kind": "grokscope dump staging directory"}))
     summary = dump(prompts, tmp_path / "s.zarr", checkpoint=tiny_model_dir, max_len=128, progress=False)
     assert summary.sequences == 3 and not staging.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "s.zarr"]
     ds = open_store(str(tmp_path / "s.zarr"))
     assert ds.attrs["status"] == "complete" and ds.sizes["vocab"] > 0 and ds["vocab_piece"].values[0] != ""

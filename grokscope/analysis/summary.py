@@ -11,7 +11,21 @@ from grokscope.analysis.shape import mean_router_entropy, layer_mean, topk_gate_
 from grokscope.analysis.specialisation import expert_enrichment
 from grokscope.analysis.temporal import repetition_test
 
-__all__ = ["summarize", "format_summary"]
+__all__ = ["summarize", "format_summary", "require_routing"]
+
+
+_ROUTING = ("expert_index", "expert_gate", "router_logits")
+
+
+def require_routing(ds: xr.Dataset) -> None:
+    """Raises ValueError, saying what is missing, unless `ds` holds routing of at least one sequence."""
+    if "expert_index" not in ds:
+        raise ValueError("no routing recorded (expert_index missing); dump with --record routing to analyze it")
+    missing = [name for name in _ROUTING if name not in ds]
+    if missing:
+        raise ValueError(f"incomplete routing ({', '.join(missing)} missing); dump with --record routing to analyze it")
+    if ds.sizes.get("sequence", 0) == 0:
+        raise ValueError(f"0 finished sequences (store status {ds.attrs.get('status', '?')}); nothing to analyze")
 
 
 def summarize(ds: xr.Dataset, by: str | None = None, n_permutations: int = 200, seed: int = 0) -> xr.Dataset:
@@ -19,7 +33,9 @@ def summarize(ds: xr.Dataset, by: str | None = None, n_permutations: int = 200, 
     with `by` (a per-sequence column such as `label`), each group's most enriched expert.
 
     Returns a computed Dataset along `layer` (and `group` for the specialisation columns).
+    Raises ValueError for a Dataset without routing or without sequences.
     """
+    require_routing(ds)
     load = hard_load(ds)
     repetition = repetition_test(ds, choice="first", n_permutations=n_permutations, seed=seed)
     out = xr.Dataset({

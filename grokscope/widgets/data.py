@@ -142,22 +142,9 @@ def attention_matrix(ds: xr.Dataset, sequence: int, layer: int, head: int | None
 
 def next_token_distributions(session, token_ids, position: int, interventions, n: int = 10):
     """The next-token distribution after `position`, as the model has it and under
-    `interventions`: (pieces, p_original, p_intervened) over the union of both top-n tokens,
-    ordered by the original probability."""
-    from grokscope.forward import forward
-    from grokscope.tokenizer import display_piece
-
-    tokens = np.asarray([token_ids], np.int32)
-    original = np.asarray(forward(session.params, session.config, tokens).logits[0, position], np.float64)
-    changed = np.asarray(forward(session.params, session.config, tokens, interventions=list(interventions))
-                         .logits[0, position], np.float64)
-
-    def softmax(x):
-        e = np.exp(x - x.max())
-        return e / e.sum()
-
-    p, q = softmax(original), softmax(changed)
-    ids = list(dict.fromkeys(list(np.argsort(-p)[:n]) + list(np.argsort(-q)[:n])))
-    ids.sort(key=lambda i: -p[i])
+    `interventions` (computed by the Session, on its mesh and compute dtype): (pieces,
+    p_original, p_intervened) over the union of both top-n tokens, ordered by the original
+    probability."""
+    ids, p, q = session.next_token_distributions(token_ids, position, interventions, n)
     pieces = [display_piece(x) for x in session.tokenizer.pieces(ids)]
-    return pieces, p[ids], q[ids]
+    return pieces, p, q

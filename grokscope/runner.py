@@ -1,0 +1,249 @@
+"""The one place that runs the model on text.
+
+`Session`, `dump`, `effects` and the views (through `Session`) all go through here: prompts
+are encoded, padded to a length bucket, placed on the mesh, and run by one jitted program per
+(config, RecordSpec, compute dtype, MoE dispatch, interventions, outputs). The program returns
+the records and, computed on the device, only the reductions of the logits that were asked
+for, so a [B, T, vocab] array crosses to the host only when `"logits"` is asked for:
+
+  logits          [B, T, V] float32: the logits themselves
+  token_logprob   [B, T] log p(x_{t+1} | x_{<=t}) of the next token in the batch (0 at the
+                  last position; meaningless at padding)
+  argmax          [B, T] int32: the most likely next token
+  last_logprobs   [B, V] float32: the next-token log-probabilities after position `at[b]`
+
+`compare` runs an intervened model against a baseline computed once (`baseline`), on device:
+the per-position change of loss, the KL divergence, and whether the top-1 token and the
+first-choice expert changed.
+
+A model here is anything with `config`, `params` and `mesh` (a `grokscope.session.LoadedModel`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grokscope.forward import make_forward
+from grokscope.record import RecordSpec
+
+__all__ = ["OUTPUTS", "bucket_length", "encode", "lone_surrogate", "pad", "run", "run_ids", "Baseline", "baseline", "compare"]
+
+OUTPUTS = ("logits", "token_logprob", "argmax", "last_logprobs")
+
+
+def bucket_length(n: int, max_len: int, multiple: int = 16) -> int:
+    """Pads a batch's length up to a multiple of `multiple` (fewer recompilations), at most max_len."""
+    return min(max_len, max(multiple, -(-n // multiple) * multiple))
+
+
+def encode(tokenizer, texts: Sequence[str], max_len: int, truncate: str | None, lines: Sequence[int],
+           source: str, error: type[Exception] = ValueError) -> list[list[int]]:
+    """Token ids of every text; a text longer than `max_len` is an `error` unless truncated
+    ("left" keeps the end, "right" the start). Errors name `source:line`."""
+    if truncate not in (None, "left", "right"):
+        raise error(f"truncate: expected 'left' or 'right', got {truncate!r}")
+    if max_len < 1:
+        raise error(f"max_len: expected >= 1, got {max_len}")
+    out = []
+    for text, line in zip(texts, lines):
+        surrogate = lone_surrogate(text)
+        if surrogate:
+            raise error(f"{source}:{line}: the text is not valid Unicode ({surrogate})")
+        ids = tokenizer.encode(text)
+        if not ids:
+            raise error(f"{source}:{line}: the prompt encodes to no tokens")
+        if len(ids) > max_len:
+            if truncate is None:
+                raise error(f"{source}:{line}: {len(ids)} tokens, longer than max_len {max_len} "
+                            f"(raise --max-len, or pass --truncate left|right)")
+            ids = ids[-max_len:] if truncate == "left" else ids[:max_len]
+        out.append(ids)
+    return out
+
+
+def lone_surrogate(text: str) -> str | None:
+    """A description of the first lone surrogate in `text` (not encodable as UTF-8), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start}"
+    return None
+
+
+def pad(ids: Sequence[Sequence[int]], length: int, rows: int | None = None) -> np.ndarray:
+    """int32 tokens [rows, length]: each sequence right-padded with 0 (rows default len(ids))."""
+    tokens = np.zeros((rows or len(ids), length), np.int32)
+    for i, seq in enumerate(ids):
+        tokens[i, : len(seq)] = seq
+    return tokens
+
+
+def _reductions(logits: jax.Array, tokens: jax.Array, at: jax.Array, outputs: tuple[str, ...]) -> dict:
+    out = {}
+    if "logits" in outputs:
+        out["logits"] = logits
+    if "argmax" in outputs:
+        out["argmax"] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if "token_logprob" in outputs:
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+        following = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)  # [B, T]
+        picked = jnp.take_along_axis(logp, following[..., None], axis=-1)[..., 0]
+        out["token_logprob"] = picked.at[:, -1].set(0.0)
+    if "last_logprobs" in outputs:
+        rows = jnp.take_along_axis(logits, at[:, None, None], axis=1)[:, 0]  # [B, V]
+        out["last_logprobs"] = jax.nn.log_softmax(rows.astype(jnp.float32), axis=-1)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _program(config, record: RecordSpec, compute_dtype: str, dispatch: str, interventions: tuple,
+             outputs: tuple[str, ...]):
+    apply = make_forward(config, record, compute_dtype, dispatch, interventions)
+
+    def program(params, tokens, positions, at):
+        logits, rec = apply(params, tokens, positions)
+        return rec, _reductions(logits, tokens, at, outputs)
+
+    return jax.jit(program)
+
+
+def _on_mesh(mesh):
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def _place(mesh, *arrays):
+    if mesh is None:
+        return arrays
+    from grokscope.sharding import batch_sharding, place
+
+    return tuple(place(a, batch_sharding(mesh, a.shape)) for a in arrays)
+
+
+def run(model, tokens: np.ndarray, record: RecordSpec = RecordSpec(), *, compute_dtype: str = "float32",
+        interventions: Sequence = (), outputs: Sequence[str] = (), at: np.ndarray | None = None,
+        dispatch: str = "sparse") -> tuple[dict, dict]:
+    """Runs `model` on padded `tokens` [B, T] (positions 0..T-1).
+
+    Returns (record, outputs): the recorded quantities and the asked-for reductions of the
+    logits (see the module docstring), all device arrays, split over the mesh's `data` axis.
+    `at` [B]: the position of each row whose next-token distribution `last_logprobs` gives
+    (default the last).
+    """
+    outputs = tuple(outputs)
+    unknown = sorted(set(outputs) - set(OUTPUTS))
+    if unknown:
+        raise ValueError(f"outputs: expected some of {OUTPUTS}, got {unknown}")
+    tokens = np.asarray(tokens, np.int32)
+    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    at = np.full(tokens.shape[0], tokens.shape[1] - 1, np.int32) if at is None else np.asarray(at, np.int32)
+    interventions = tuple(interventions)
+    for iv in interventions:
+        iv.check(model.config)
+    program = _program(model.config, record, compute_dtype, dispatch, interventions, outputs)
+    tokens_in, positions_in, at_in = _place(model.mesh, tokens, np.ascontiguousarray(positions), at)
+    with _on_mesh(model.mesh):
+        return program(model.params, tokens_in, positions_in, at_in)
+
+
+def run_ids(model, ids: Sequence[Sequence[int]], length: int, record: RecordSpec = RecordSpec(),
+            rows: int | None = None, **kwargs) -> tuple[np.ndarray, dict, dict]:
+    """`run` on token id lists padded to [rows, length]; returns (tokens, record, outputs)."""
+    tokens = pad(ids, length, rows)
+    record_out, outputs = run(model, tokens, record, **kwargs)
+    return tokens, record_out, outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """The unintervened model's next-token log-probabilities, top-1 tokens and first-choice
+    experts for a list of prompts, kept on the device, batch by batch, for `compare`."""
+
+    ids: tuple[tuple[int, ...], ...]
+    batch_size: int
+    compute_dtype: str
+    batches: tuple[dict[str, Any], ...]  # per batch: tokens [b, T] (host), logp [b, T, V], argmax, first
+
+
+@functools.lru_cache(maxsize=8)
+def _baseline_program(config, compute_dtype: str):
+    apply = make_forward(config, RecordSpec(), compute_dtype, "sparse", ())
+
+    def program(params, tokens, positions):
+        logits, rec = apply(params, tokens, positions)
+        return {"logp": jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
+                "argmax": jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                "first": rec["expert_index"][..., 0]}
+
+    return jax.jit(program)
+
+
+@functools.lru_cache(maxsize=64)
+def _compare_program(config, compute_dtype: str, interventions: tuple):
+    apply = make_forward(config, RecordSpec(), compute_dtype, "sparse", interventions)
+
+    def program(params, tokens, positions, base):
+        logits, rec = apply(params, tokens, positions)
+        logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+        logp = base["logp"]
+        following = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)[..., None]
+        delta = (jnp.take_along_axis(logp, following, -1) - jnp.take_along_axis(logq, following, -1))[..., 0]
+        # float32 on the device: accurate to ~1e-7 nats; rounding can make a vanishing KL
+        # slightly negative, so it is clipped at 0 (KL >= 0).
+        kl = jnp.maximum((jnp.exp(logp) * (logp - logq)).sum(-1), 0.0)
+        return {"delta_loss": delta, "kl": kl,
+                "top1_changed": jnp.argmax(logits, axis=-1).astype(jnp.int32) != base["argmax"],
+                "routing_changed": rec["expert_index"][..., 0] != base["first"]}
+
+    return jax.jit(program)
+
+
+def baseline(model, ids: Sequence[Sequence[int]], batch_size: int, compute_dtype: str = "float32") -> Baseline:
+    """The unintervened model on `ids`, in batches of `batch_size`, kept on the device."""
+    program = _baseline_program(model.config, compute_dtype)
+    batches = []
+    for row0 in range(0, len(ids), batch_size):
+        chunk = ids[row0:row0 + batch_size]
+        tokens = pad(chunk, bucket_length(max(len(i) for i in chunk), model.config.sequence_len), batch_size)
+        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+        tokens_in, positions_in = _place(model.mesh, tokens, np.ascontiguousarray(positions))
+        with _on_mesh(model.mesh):
+            batches.append({"tokens": tokens, **program(model.params, tokens_in, positions_in)})
+    return Baseline(tuple(tuple(i) for i in ids), batch_size, compute_dtype, tuple(batches))
+
+
+def compare(model, base: Baseline, interventions: Sequence) -> dict[str, np.ndarray]:
+    """Per position of every prompt of `base` (rows as `base.ids`, [N, longest]): the change of
+    next-token loss (`delta_loss`, intervened minus original, nats), `kl` (original ||
+    intervened, nats), `top1_changed` and, per layer, `routing_changed` (first choice). Values
+    at padding are left as computed; callers mask them."""
+    interventions = tuple(interventions)
+    for iv in interventions:
+        iv.check(model.config)
+    program = _compare_program(model.config, base.compute_dtype, interventions)
+    parts = []
+    for batch in base.batches:
+        tokens = batch["tokens"]
+        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+        tokens_in, positions_in = _place(model.mesh, tokens, np.ascontiguousarray(positions))
+        with _on_mesh(model.mesh):
+            device = {k: v for k, v in batch.items() if k != "tokens"}
+            parts.append(jax.device_get(program(model.params, tokens_in, positions_in, device)))
+    n, longest = len(base.ids), max(len(i) for i in base.ids)
+    out = {}
+    for name in parts[0]:
+        rows = []
+        for part in parts:
+            value = part[name][:, :longest]
+            if value.shape[1] < longest:
+                width = [(0, 0), (0, longest - value.shape[1])] + [(0, 0)] * (value.ndim - 2)
+                value = np.pad(value, width)
+            rows.append(value)
+        out[name] = np.concatenate(rows)[:n]
+    return out
