@@ -14,20 +14,58 @@ The public API:
   effects(session, prompts, interventions)  per-position change of loss, KL, top-1 and routing
 """
 
-from grokscope.checkpoint import CheckpointError, load_params, save_params
-from grokscope.config import GROK_1, GROK_TINY, PRESETS, SMALL, TINY, ModelConfig, load_config
-from grokscope.forward import ForwardOutput, forward, init_params, make_forward, param_shapes
-from grokscope.quant import QuantizedWeight8bit
-from grokscope.dump import DumpError, dump
-from grokscope.effects import effects, effects_baseline
-from grokscope import interventions
-from grokscope.record import AttentionSpec, RecordSpec
-from grokscope.session import Session
-from grokscope.store import StoreError, open_store, token_pieces, verify_store
-from grokscope.sharding import make_mesh
-from grokscope.tokenizer import Tokenizer
+import importlib
+import sys
+import types
 
 from grokscope._version import __version__
+
+# Where each public name lives; a name's module is imported on first use, so that importing
+# one part (e.g. `grokscope.report`, `grokscope.store`) does not load the model.
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "load_params": "checkpoint", "save_params": "checkpoint",
+    "GROK_1": "config", "GROK_TINY": "config", "PRESETS": "config", "SMALL": "config", "TINY": "config",
+    "ModelConfig": "config", "load_config": "config",
+    "ForwardOutput": "forward", "forward": "forward", "init_params": "forward", "make_forward": "forward",
+    "param_shapes": "layout",
+    "QuantizedWeight8bit": "quant",
+    "DumpError": "dump", "dump": "dump",
+    "effects": "effects", "effects_baseline": "effects",
+    "AttentionSpec": "record", "RecordSpec": "record",
+    "Session": "session",
+    "StoreError": "store", "open_store": "store", "token_pieces": "store", "verify_store": "store",
+    "make_mesh": "sharding",
+    "Tokenizer": "tokenizer",
+}
+
+
+class _Package(types.ModuleType):
+    """Keeps `grokscope.forward`, `grokscope.dump` and `grokscope.effects` the functions: the
+    import system sets a package attribute for every submodule it loads, which would otherwise
+    replace each of them by its module of the same name."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"grokscope.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    if name == "interventions":
+        return importlib.import_module("grokscope.interventions")
+    raise AttributeError(f"module 'grokscope' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | {"interventions"})
+
 
 __all__ = [
     "AttentionSpec", "DumpError", "Session", "StoreError", "dump", "effects", "effects_baseline", "interventions", "open_store",

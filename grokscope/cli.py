@@ -202,7 +202,7 @@ def cmd_analyze(args) -> int:
         if args.scheduler:
             from grokscope.analysis.cluster import connect
 
-            client = connect(args.scheduler)
+            client = connect(args.scheduler, timeout=args.scheduler_timeout)
         ds = open_store(args.store)
         try:
             require_routing(ds)
@@ -313,6 +313,8 @@ def main(argv=None) -> int:
     p.add_argument("--permutations", type=int, default=200, help="shuffles for the p-values (default 200)")
     p.add_argument("-o", "--output", help="also write the summary to a .json or .csv file")
     p.add_argument("--scheduler", help="run on a dask.distributed cluster, e.g. tcp://host:8786")
+    p.add_argument("--scheduler-timeout", type=float, default=30,
+                   help="seconds to wait for the dask scheduler (default 30)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("report", help="one standalone HTML file of a store's routing figures (opens offline)")

@@ -668,7 +668,7 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
                 length = bucket_length(max(len(i) for i in batch_ids), max_len)
                 tokens, outputs, _ = run_ids(model, batch_ids, length, record, batch_size,
                                              compute_dtype=compute_dtype)
-                outputs = to_store_dtypes(outputs)
+                outputs = to_store_dtypes(outputs, config)
                 host = {"tokens": tokens,
                         "length": np.array([len(i) for i in batch_ids] + [0] * (batch_size - n), np.int32),
                         "prompt": np.array([p.text for p in prompts[row0: row0 + n]], dtype=object)}

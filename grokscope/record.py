@@ -39,15 +39,16 @@ returned and anything computed only for it is never lowered.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Literal, Mapping, NamedTuple
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["RecordSpec", "AttentionSpec", "Quantity", "QUANTITIES", "probe", "record_filter", "collect",
-           "resolve_selection", "to_store_dtypes"]
+           "resolve_selection", "store_dtype", "to_store_dtypes", "dim_sizes", "dim_coords", "LAYER_DIMS"]
 
 Selection = Literal["all"] | tuple[int, ...]
 
@@ -366,6 +367,8 @@ def _parse_indices(text: str, what: str = "layers") -> Selection:
 
 def probe(name: str, value) -> None:
     """Offers `value` for recording under `name` (a no-op unless a RecordSpec selects it)."""
+    import haiku as hk  # here, not at the top: the registry and RecordSpec need no model code
+
     hk.set_state(name, value)
 
 
@@ -383,6 +386,8 @@ def record_filter(spec: RecordSpec, config):
     Attention probes arrive as full probabilities [B, H, T, S]; the setter selects heads and
     reduces them to the requested format inside the traced computation.
     """
+    import haiku as hk
+
     spec = spec.resolved(config)
     layers = {name: frozenset(_selected_layers(QUANTITIES[name], spec, config.num_layers))
               for name in spec.names if QUANTITIES[name].selected_by != "attention"}
@@ -427,8 +432,18 @@ def collect(state: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             for name, layers in per_name.items()}
 
 
-@jax.jit
-def to_store_dtypes(record: Mapping[str, Any]) -> dict[str, Any]:
+def store_dtype(name: str, config) -> np.dtype:
+    """The store dtype of quantity `name` for this model: the registry's, except that an
+    expert index is widened to int16 when the model has more experts than int8 holds."""
+    q = QUANTITIES[name]
+    dtype = np.dtype(q.dtype)
+    if q.units == "expert" and config.num_experts > np.iinfo(dtype).max:
+        return np.dtype(np.int16)
+    return dtype
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def to_store_dtypes(record: Mapping[str, Any], config) -> dict[str, Any]:
     """Casts a record to the store's dtypes on the device (float16 attention, int8 experts):
     cheaper there than on the host, and fewer bytes to move."""
-    return {name: value.astype(QUANTITIES[name].dtype) for name, value in record.items()}
+    return {name: value.astype(store_dtype(name, config)) for name, value in record.items()}

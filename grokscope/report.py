@@ -17,8 +17,7 @@ import plotly.io as pio
 import xarray as xr
 
 from grokscope.widgets import figures
-from grokscope.widgets.dashboard import group_columns
-from grokscope.widgets.data import sequence_labels, sequence_routing
+from grokscope.widgets.data import group_columns, sequence_labels, sequence_routing
 
 __all__ = ["write_report", "report_layers"]
 

@@ -172,7 +172,7 @@ class Session:
         max_len = max(1, max(len(i) for i in ids))
         tokens, outputs, _ = run_ids(self._model, ids, bucket_length(max_len, self.config.sequence_len), record,
                                      compute_dtype=self.compute_dtype)
-        return self._dataset(texts, ids, tokens, to_store_dtypes(outputs), record, metadata)
+        return self._dataset(texts, ids, tokens, to_store_dtypes(outputs, self.config), record, metadata)
 
     def _dataset(self, texts, ids, tokens, outputs, record: RecordSpec, metadata=None, extra=None):
         """The store's Dataset for these sequences: `tokens` [N, >= longest], `outputs` the
@@ -253,7 +253,7 @@ class Session:
             positions = np.arange(start, start + len(tokens), dtype=np.int32)[None]
             with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
                 logits, rec, cache = step(self.params, np.asarray([tokens], np.int32), positions, cache)
-            records.append(jax.device_get(to_store_dtypes(rec)))
+            records.append(jax.device_get(to_store_dtypes(rec, self.config)))
             return np.asarray(logits[0, -1], np.float32), cache
 
         logits, cache = run(ids, 0, cache)

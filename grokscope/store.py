@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import zarr
 
-from grokscope.record import LAYER_DIMS, QUANTITIES, RecordSpec, dim_coords, dim_sizes
+from grokscope.record import LAYER_DIMS, QUANTITIES, RecordSpec, dim_coords, dim_sizes, store_dtype
 
 __all__ = ["Variable", "layout", "record_bytes_per_token", "create", "row_blocks", "write_batch", "StoreWriter", "open_store", "token_pieces", "dataset_from_arrays", "describe", "column_dtype", "mask_padding",
            "StoreError", "RESERVED_NAMES", "SCHEMA_VERSION", "StoreCheck", "check_store", "verify_store"]
@@ -132,7 +132,7 @@ def layout(config, spec: RecordSpec, num_sequences: int, max_len: int, batch_siz
             "long_name": "token piece", "units": "text", "description": "the tokenizer's piece for every id"}, "")
     for name in spec.names:
         q = QUANTITIES[name]
-        variables[name] = var(name, q.dims, np.dtype(q.dtype),
+        variables[name] = var(name, q.dims, store_dtype(name, config),
                               {"long_name": q.long_name, "units": q.units, "description": q.description},
                               q.fill)
     coords = {name: np.array(values, dtype=np.int32) for name, values in dim_coords(config, spec).items()}
@@ -147,7 +147,7 @@ def record_bytes_per_token(config, spec: RecordSpec, context: int) -> dict[str, 
     for name in spec.resolved(config).names:
         q = QUANTITIES[name]
         per_token = np.prod([sizes[d] for d in q.dims if d not in ("sequence", "position", "query")])
-        out[name] = float(per_token * np.dtype(q.dtype).itemsize)
+        out[name] = float(per_token * store_dtype(name, config).itemsize)
     return out
 
 

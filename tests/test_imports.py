@@ -66,3 +66,34 @@ def test_checkpoint_does_not_import_the_model_api():
     graph = _import_graph()
     assert "grokscope.forward" not in graph["grokscope.checkpoint"]
     assert not any(t.startswith("grokscope.model") for t in graph["grokscope.checkpoint"])
+
+
+def test_the_report_the_figures_and_the_store_load_no_model_code_and_no_ipywidgets():
+    code = ("import sys\n"
+            "import grokscope.report, grokscope.widgets.figures, grokscope.widgets.data, grokscope.store\n"
+            "import grokscope.analysis\n"
+            "print(sorted(m for m in ('haiku', 'ipywidgets', 'grokscope.model', 'grokscope.forward',"
+            " 'grokscope.session') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_public_api_still_resolves_every_name():
+    import grokscope
+    import grokscope.widgets
+
+    for name in grokscope.__all__:
+        assert getattr(grokscope, name) is not None, name
+    assert grokscope.Session.__name__ == "Session" and grokscope.interventions.ban
+    for name in grokscope.widgets.__all__:
+        assert getattr(grokscope.widgets, name).__name__ == name
+
+
+def test_functions_named_like_their_module_stay_functions():
+    code = ("import grokscope.runner, grokscope.dump, grokscope.effects\n"  # submodules loaded first
+            "import grokscope\n"
+            "print(callable(grokscope.forward), callable(grokscope.dump), callable(grokscope.effects))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "True"]

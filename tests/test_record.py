@@ -40,3 +40,24 @@ def test_resolved_validates_against_the_model_and_round_trips():
     assert hash(resolved) == hash(RecordSpec.from_dict(resolved.to_dict()))
     with pytest.raises(ValueError, match=r"attention heads: expected indices in \[0, 4\), got \[1, 9\]"):
         RecordSpec(attention=AttentionSpec(heads=(9, 1))).resolved(TINY)
+
+
+def test_expert_index_widens_when_int8_cannot_hold_the_experts(tiny_config):
+    import dataclasses
+
+    import numpy as np
+
+    from grokscope import forward, init_params
+    from grokscope.record import store_dtype, to_store_dtypes
+    from grokscope.store import layout
+
+    assert store_dtype("expert_index", tiny_config) == np.int8
+    wide = dataclasses.replace(tiny_config, num_experts=200, num_layers=1)
+    variables, _ = layout(wide, RecordSpec(), 2, 16, 2)
+    assert variables["expert_index"].dtype == np.int16
+    tokens = np.arange(3, 35, dtype=np.int32).reshape(2, 16)
+    record = forward(init_params(wide, seed=0), wide, tokens).record
+    stored = to_store_dtypes(record, wide)["expert_index"]
+    assert stored.dtype == np.int16
+    np.testing.assert_array_equal(np.asarray(stored), np.asarray(record["expert_index"]))
+    assert np.asarray(record["expert_index"]).max() > 127  # the case int8 would have wrapped

@@ -10,9 +10,17 @@ sequence). `grokscope.widgets.figures` holds the plotly figures the views draw, 
 functions of a Dataset; `grokscope.report.write_report` puts them in one offline HTML file.
 """
 
-from grokscope.widgets.attention import AttentionExplorer
-from grokscope.widgets.dashboard import ExpertDashboard
-from grokscope.widgets.generation import GenerationView
-from grokscope.widgets.routing import RoutingExplorer
+import importlib
 
-__all__ = ["AttentionExplorer", "ExpertDashboard", "GenerationView", "RoutingExplorer"]
+_VIEWS = {"AttentionExplorer": "attention", "ExpertDashboard": "dashboard", "GenerationView": "generation",
+          "RoutingExplorer": "routing"}
+
+__all__ = list(_VIEWS)
+
+
+def __getattr__(name: str):
+    # The views (and ipywidgets) load on first use, so that `figures` and `data` import
+    # without them (the static report needs neither ipywidgets nor a kernel).
+    if name in _VIEWS:
+        return getattr(importlib.import_module(f"grokscope.widgets.{_VIEWS[name]}"), name)
+    raise AttributeError(f"module 'grokscope.widgets' has no attribute {name!r}")

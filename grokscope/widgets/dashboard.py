@@ -12,20 +12,9 @@ import xarray as xr
 
 from grokscope.widgets import figures
 from grokscope.widgets.base import View, guarded, refresh
+from grokscope.widgets.data import group_columns
 
-__all__ = ["ExpertDashboard", "group_columns"]
-
-
-def group_columns(ds: xr.Dataset) -> list[str]:
-    """Per-sequence columns with 2..50 distinct values (e.g. `label`), usable for grouping."""
-    out = []
-    for name, var in ds.data_vars.items():
-        if var.dims != ("sequence",) or name in ("length", "done", "prompt"):
-            continue
-        values = np.asarray(var.values)
-        if 2 <= len({str(v) for v in values}) <= 50:
-            out.append(name)
-    return out
+__all__ = ["ExpertDashboard"]
 
 
 class ExpertDashboard(View):

@@ -14,7 +14,7 @@ import xarray as xr
 from grokscope.analysis.common import router_probs
 from grokscope.tokenizer import display_piece
 
-__all__ = ["SequenceRouting", "sequence_routing", "sequence_labels", "attention_matrix", "attention_options",
+__all__ = ["SequenceRouting", "sequence_routing", "sequence_labels", "group_columns", "attention_matrix", "attention_options",
            "next_token_distributions", "ATTENTION_FORMATS"]
 
 ATTENTION_FORMATS = ("full", "head_mean", "topk")
@@ -53,6 +53,18 @@ def _pieces(ds: xr.Dataset, ids: np.ndarray) -> list[str]:
         vocab = np.asarray(ds["vocab_piece"].values)
         return [display_piece(str(vocab[i])) for i in ids]
     return [str(int(i)) for i in ids]
+
+
+def group_columns(ds: xr.Dataset) -> list[str]:
+    """Per-sequence columns with 2..50 distinct values (e.g. `label`), usable for grouping."""
+    out = []
+    for name, var in ds.data_vars.items():
+        if var.dims != ("sequence",) or name in ("length", "done", "prompt"):
+            continue
+        values = np.asarray(var.values)
+        if 2 <= len({str(v) for v in values}) <= 50:
+            out.append(name)
+    return out
 
 
 def sequence_labels(ds: xr.Dataset, width: int = 60) -> list[str]:
