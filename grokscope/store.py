@@ -223,69 +223,6 @@ def row_blocks(array: zarr.Array, value, row0: int, n_valid: int, lengths, name,
     return out
 
 
-def _chunk_encoder(array: zarr.Array):
-    """A numcodecs Blosc equal to the array's codec chain, or None when the array has another
-    chain (then its blocks go through zarr's own pipeline)."""
-    import sys
-
-    from numcodecs import Blosc
-
-    codecs = array.metadata.codecs if array.metadata.zarr_format == 3 else ()
-    if (len(codecs) != 2 or not isinstance(codecs[0], zarr.codecs.BytesCodec)
-            or not isinstance(codecs[1], zarr.codecs.BloscCodec) or sys.byteorder != "little"
-            or codecs[0].endian is not None and codecs[0].endian.value != "little"):
-        return None
-    blosc = codecs[1]
-    shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
-    return Blosc(cname=blosc.cname.value, clevel=blosc.clevel, shuffle=shuffle[blosc.shuffle.value],
-                 blocksize=blosc.blocksize, typesize=blosc.typesize)
-
-
-def _whole_chunks(array: zarr.Array, selection, block: np.ndarray):
-    """(chunk coords, full-size chunk data) for every chunk `block` covers, when `selection`
-    is aligned with the chunk grid (every chunk whole, or cut only by the array's end);
-    None otherwise. Edge chunks are padded with the fill value, as zarr stores them."""
-    chunk_shape = array.metadata.chunk_grid.chunk_shape
-    grid = []
-    for sl, c, n in zip(selection, chunk_shape, array.shape):
-        if sl.start % c or (sl.stop % c and sl.stop != n):
-            return None
-        grid.append(range(sl.start // c, -(-sl.stop // c)))
-    out = []
-    for coords in np.ndindex(*(len(g) for g in grid)):
-        chunk = tuple(g[i] for g, i in zip(grid, coords))
-        piece = block[tuple(slice(k * c - sl.start, (k + 1) * c - sl.start)
-                            for k, c, sl in zip(chunk, chunk_shape, selection))]
-        if piece.shape != tuple(chunk_shape):
-            full = np.full(chunk_shape, array.metadata.fill_value, dtype=block.dtype)
-            full[tuple(slice(0, m) for m in piece.shape)] = piece
-            piece = full
-        out.append((chunk, np.ascontiguousarray(piece)))
-    return out
-
-
-def _write_local_chunk(path, encoder, data: np.ndarray) -> None:
-    """Encodes a chunk and writes it as zarr's LocalStore does: a temporary file in the same
-    directory, then an atomic rename, so a reader or a killed writer never sees half a chunk."""
-    import os
-    import uuid
-
-    encoded = encoder.encode(data)
-    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        handle = open(partial, "wb")
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(partial, "wb")
-    try:
-        with handle:
-            handle.write(encoded)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
 def write_batch(arrays: Mapping[str, zarr.Array], values: Mapping[str, Any], row0: int, n_valid: int,
                 rows=None) -> int:
     """Writes one batch's arrays [B, ...] at rows row0.. (first n_valid rows), concurrently.
@@ -299,44 +236,21 @@ def write_batch(arrays: Mapping[str, zarr.Array], values: Mapping[str, Any], row
 
     Blocks that cover whole chunks of an array with the store's numeric codecs are encoded
     here, in worker threads, and stored as chunk objects directly: the same bytes zarr would
-    write, at about twice the speed of going through its pipeline chunk by chunk. Others
-    (strings, blocks split over devices) take zarr's `setitem`.
+    write, at about twice the speed of going through its pipeline chunk by chunk
+    (`grokscope._zarr_private`, with the zarr versions it was tested with). Others (strings,
+    blocks split over devices), and every block with an untested zarr, take zarr's own path.
     """
-    import asyncio
-
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
+    from grokscope import _zarr_private
 
     lengths = np.asarray(values["length"])
     pieces = {name: row_blocks(arrays[name], value, row0, n_valid, lengths, name, rows)
               for name, value in values.items()}
-    to_buffer = default_buffer_prototype().buffer.from_bytes
-
-    async def write_chunk(array, encoder, coords, data):
-        key = array.metadata.encode_chunk_key(coords)
-        path = f"{array.store_path.path}/{key}" if array.store_path.path else key
-        store = array.store_path.store
-        if isinstance(store, zarr.storage.LocalStore):
-            await asyncio.to_thread(_write_local_chunk, store.root / path, encoder, data)
-        else:
-            encoded = await asyncio.to_thread(encoder.encode, data)
-            await store.set(path, to_buffer(encoded))
-
-    async def write_array(array, blocks):
-        encoder = _chunk_encoder(array)
-        for selection, block in blocks:
-            chunks = _whole_chunks(array, selection, block) if encoder is not None else None
-            if chunks is None:
-                # One array's zarr writes in turn: blocks of one batch may share a chunk (rows
-                # of a batch split over devices), and concurrent writes to one chunk lose updates.
-                await array._async_array.setitem(selection, block)
-            else:
-                await asyncio.gather(*(write_chunk(array, encoder, coords, data) for coords, data in chunks))
-
-    async def write_all():
-        await asyncio.gather(*(write_array(arrays[name], blocks) for name, blocks in pieces.items()))
-
-    sync(write_all())
+    if _zarr_private.SUPPORTED:
+        _zarr_private.write_pieces(arrays, pieces)
+    else:  # a zarr this code was not tested with: its public, slower path
+        for name, blocks in pieces.items():
+            for selection, block in blocks:
+                arrays[name][selection] = block
     return sum(block.nbytes for blocks in pieces.values() for _, block in blocks)
 
 
@@ -684,9 +598,7 @@ def check_store(path_or_url: str, deep: bool = False, **storage_options) -> Stor
     import asyncio
     import json
 
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.metadata.v3 import ArrayV3Metadata
-    from zarr.core.sync import sync
+    from grokscope._zarr_private import ArrayV3Metadata, default_buffer_prototype, sync
 
     name = str(path_or_url)
     report = StoreCheck(name)

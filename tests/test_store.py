@@ -238,3 +238,25 @@ def test_record_bytes_per_token_match_a_dump(tmp_path, tiny_model_dir, prompts_f
         assert group[name].nbytes == per_token * positions, name
     full = record_bytes_per_token(TINY, RecordSpec(attention=AttentionSpec(format="full")), context=64)
     assert full["attn_weights"] == TINY.num_layers * TINY.num_q_heads * 64 * 2
+
+
+def test_zarr_outside_the_tested_versions_takes_the_public_path(tmp_path, monkeypatch):
+    """The fast chunk writer (zarr internals) and zarr's public path write the same store."""
+    import zarr as zarr_module
+
+    from grokscope import _zarr_private, dump
+    from grokscope.session import default_model_dir
+
+    assert _zarr_private.SUPPORTED  # the installed zarr is one the fast path was tested with
+    assert _zarr_private._release("3.2.0rc1") == (3, 2, 0) and _zarr_private._release("3.1.6") == (3, 1, 6)
+    prompts = default_model_dir() / "examples.jsonl"
+    dump(prompts, tmp_path / "fast.zarr", batch_size=16, progress=False)
+    calls = []
+    monkeypatch.setattr(_zarr_private, "SUPPORTED", False)
+    monkeypatch.setattr(_zarr_private, "write_pieces", lambda *a: calls.append(a))
+    dump(prompts, tmp_path / "public.zarr", batch_size=16, progress=False)
+    assert calls == []
+    fast, public = (zarr_module.open_group(str(tmp_path / n), mode="r") for n in ("fast.zarr", "public.zarr"))
+    assert sorted(fast.array_keys()) == sorted(public.array_keys())
+    for name in fast.array_keys():
+        np.testing.assert_array_equal(fast[name][...], public[name][...], err_msg=name)
