@@ -79,3 +79,11 @@ def tiny_model_dir(tmp_path_factory, tiny_config, tiny_params):
         model_type="bpe", byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
         num_threads=1, minloglevel=2)
     return directory
+
+
+@pytest.fixture(scope="session")
+def bundled_session():
+    """One Session of the bundled grok-tiny for the whole run (tests must not change it)."""
+    from grokscope import Session
+
+    return Session()

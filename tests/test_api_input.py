@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from grokscope import Session, forward
+from grokscope import forward
 
 
 @pytest.fixture(scope="module")
-def session():
-    return Session()
+def session(bundled_session):
+    return bundled_session
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (2, 0), (0, 0)])

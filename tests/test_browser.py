@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import browser  # noqa: E402
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m 'not slow'` leaves them out while iterating
+
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "notebooks" / "01_quickstart.ipynb"
 EXAMPLES = REPO / "grokscope" / "assets" / "grok-tiny" / "examples.jsonl"

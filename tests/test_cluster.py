@@ -11,6 +11,8 @@ from grokscope.analysis.summary import summarize
 from grokscope.cli import main
 from grokscope.session import default_model_dir
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m 'not slow'` leaves them out while iterating
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):

@@ -53,6 +53,7 @@ def _cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_to_the_identical_store(tmp_path, tiny_model_dir):
     prompts = _prompts(tmp_path / "p.jsonl", 600)
     common = ["--prompts", str(prompts), "--checkpoint", str(tiny_model_dir), "--record", RECORD,

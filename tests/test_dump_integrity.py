@@ -193,6 +193,7 @@ def _racer(args, race_dir=None):
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_dumps_started_at_once_make_one_whole_store(tmp_path, tiny_model_dir):
     prompts = _prompts(tmp_path / "p.jsonl", 4)
     common = ["--prompts", str(prompts), "--checkpoint", str(tiny_model_dir), "--batch-size", "2",

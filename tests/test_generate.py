@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from grokscope import AttentionSpec, RecordSpec, Session, forward
+from grokscope import AttentionSpec, RecordSpec, forward
 
 
 @pytest.fixture(scope="module")
-def session():
-    return Session()  # the bundled grok-tiny
+def session(bundled_session):
+    return bundled_session
 
 
 def test_greedy_generation_equals_the_full_forward_at_every_step(session):

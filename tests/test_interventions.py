@@ -143,13 +143,13 @@ def test_interventions_are_data_and_checked():
         swap(1, 1)
 
 
-def test_effects_per_position(tmp_path):
+def test_effects_per_position(tmp_path, bundled_session):
     import xarray as xr
 
-    from grokscope import Session, effects, forward
+    from grokscope import effects, forward
     from grokscope.interventions import ban as ban_
 
-    session = Session()
+    session = bundled_session
     prompts = ["def add(a, b):\n    return a + b", "The sun rose over the quiet town."]
     base = session.run(prompts)
     layer = 2
@@ -199,10 +199,8 @@ def test_expert_outputs_record_what_every_expert_would_say(setup, dispatch):
     np.testing.assert_allclose(np.asarray(zeroed.record["moe_output"])[:, :, 0], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_expert_outputs_in_a_session_dataset():
-    from grokscope import Session
-
-    session = Session()
+def test_expert_outputs_in_a_session_dataset(bundled_session):
+    session = bundled_session
     ds = session.run(["x = 1", "Hello there"], record=RecordSpec(expert_outputs=(0, 3)))
     assert ds["expert_output"].dims == ("sequence", "position", "expert_layer", "expert", "hidden")
     assert list(ds["expert_layer"].values) == [0, 3] and ds["moe_output"].shape[2] == 2

@@ -16,6 +16,8 @@ import zarr
 from grokscope import dump, make_mesh
 from grokscope.session import default_model_dir
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m 'not slow'` leaves them out while iterating
+
 PROMPTS = default_model_dir() / "examples.jsonl"
 
 

@@ -22,6 +22,8 @@ import pytest
 import nbclient  # noqa: E402  (dev dependencies: pip install -e .[dev])
 import nbformat  # noqa: E402
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m 'not slow'` leaves them out while iterating
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 EXPECTED = ["01_quickstart.ipynb", "02_attention.ipynb", "03_batch_dump_and_analysis.ipynb",

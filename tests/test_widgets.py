@@ -18,8 +18,8 @@ PROMPTS = [("def area(r):\n    return 3.14 * r * r\n", "code"), ("The cat sat on
 
 
 @pytest.fixture(scope="module")
-def session():
-    return Session()  # the bundled grok-tiny model
+def session(bundled_session):
+    return bundled_session
 
 
 @pytest.fixture(scope="module")
