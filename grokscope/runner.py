@@ -16,7 +16,8 @@ for, so a [B, T, vocab] array crosses to the host only when `"logits"` is asked 
 the per-position change of loss, the KL divergence, and whether the top-1 token and the
 first-choice expert changed.
 
-A model here is anything with `config`, `params` and `mesh` (a `grokscope.session.LoadedModel`).
+A model here is anything with `config`, `params` and `mesh`: a `Model`, or the
+`grokscope.session.LoadedModel` a Session holds.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +34,17 @@ import numpy as np
 from grokscope.forward import make_forward
 from grokscope.record import RecordSpec
 
-__all__ = ["OUTPUTS", "bucket_length", "encode", "lone_surrogate", "pad", "run", "run_ids", "Baseline", "baseline", "compare"]
+__all__ = ["Model", "OUTPUTS", "bucket_length", "encode", "lone_surrogate", "pad", "run", "run_ids", "Baseline", "baseline", "compare"]
 
 OUTPUTS = ("logits", "token_logprob", "argmax", "last_logprobs")
+
+
+class Model(NamedTuple):
+    """What the runner runs: a config, its parameters, and the mesh they are on (None: one device)."""
+
+    config: Any
+    params: Any
+    mesh: Any = None
 
 
 def bucket_length(n: int, max_len: int, multiple: int = 16) -> int:

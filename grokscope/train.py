@@ -234,33 +234,28 @@ class EvalResult:
                           self.entropy[rows], self.pad_token)
 
 
-def _eval_fn(config: ModelConfig):
-    apply = make_forward(config, RecordSpec(routing=True), compute_dtype="float32")
+def evaluate(params: Any, config: ModelConfig, windows: np.ndarray, batch: int = 32) -> EvalResult:
+    """Runs the model (float32 compute) over `windows` [N, S] in fixed-size batches, through
+    `grokscope.runner` (next-token log-probabilities reduced on the device)."""
+    from grokscope.runner import Model, run
 
-    @jax.jit
-    def fn(params, tokens):
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        logits, record = apply(params, tokens, positions)
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-        logq = jax.nn.log_softmax(record["router_logits"], axis=-1)
-        entropy = -(jnp.exp(logq) * logq).sum(-1)
-        return nll, record["expert_index"], entropy
-
-    return fn
-
-
-def evaluate(params: Any, config: ModelConfig, windows: np.ndarray, batch: int = 32,
-             fn: Callable | None = None) -> EvalResult:
-    """Runs the model (float32 compute) over `windows` [N, S] in fixed-size batches."""
-    fn = fn or _eval_fn(config)
+    model = Model(config, params)
     windows = np.asarray(windows, dtype=np.int32)
     n = len(windows)
     pad_rows = (-n) % batch
     padded = np.concatenate([windows, np.full((pad_rows, windows.shape[1]), config.pad_token, np.int32)])
-    outs = [jax.device_get(fn(params, padded[i:i + batch])) for i in range(0, len(padded), batch)]
-    nll, index, entropy = (np.concatenate(parts)[:n] for parts in zip(*outs))
-    return EvalResult(windows, nll, index, entropy, config.pad_token)
+    nll, index, entropy = [], [], []
+    for i in range(0, len(padded), batch):
+        record, outputs = jax.device_get(run(model, padded[i:i + batch], RecordSpec(routing=True),
+                                             outputs=("token_logprob",)))
+        nll.append(-outputs["token_logprob"][:, :-1])
+        index.append(record["expert_index"])
+        logits = record["router_logits"]
+        logq = logits - logits.max(-1, keepdims=True)
+        logq = logq - np.log(np.exp(logq).sum(-1, keepdims=True))
+        entropy.append(-(np.exp(logq) * logq).sum(-1))
+    return EvalResult(windows, np.concatenate(nll)[:n], np.concatenate(index)[:n], np.concatenate(entropy)[:n],
+                      config.pad_token)
 
 
 def heldout_loss(result: EvalResult) -> float:
@@ -624,7 +619,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, aux, optax.global_norm(grads)
 
-    eval_fn = _eval_fn(config)
     probe_windows = {d: w[: max(1, len(w) // 4)] for d, w in heldout.items()}
     rng = np.random.default_rng(settings.seed)
     history, curve = [], []
@@ -648,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps):
             point = {"step": step}
             for d, w in probe_windows.items():
-                point[d] = heldout_loss(evaluate(params, config, w, fn=eval_fn))
+                point[d] = heldout_loss(evaluate(params, config, w))
             curve.append(point)
             _log(f"eval step {step}: held-out (first quarter) code {point['code']:.4f} prose {point['prose']:.4f}")
     jax.block_until_ready(params)
@@ -670,11 +664,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev: dict[str, dict[str, float]] = {}
     int8_result = None
     for name, p in (("float", float_params), ("int8", shipped)):
-        result = evaluate(p, config, heldout_all, fn=eval_fn)
+        result = evaluate(p, config, heldout_all)
         e = {"all": heldout_loss(result)}
         for d in ("code", "prose"):
             e[d] = heldout_loss(result.select(heldout_labels == d))
-        train_eval = evaluate(p, config, np.concatenate([trainsample["code"], trainsample["prose"]]), fn=eval_fn)
+        train_eval = evaluate(p, config, np.concatenate([trainsample["code"], trainsample["prose"]]))
         e["train"] = heldout_loss(train_eval)
         ev[name] = e
         if name == "int8":
