@@ -136,11 +136,6 @@ class ModelConfig:
         """Hidden width of one expert's feed-forward network."""
         return ffn_size(self.emb_size, self.widening_factor)
 
-    @property
-    def q_per_kv(self) -> int:
-        """Query heads sharing one key/value head."""
-        return self.num_q_heads // self.num_kv_heads
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

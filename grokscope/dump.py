@@ -219,31 +219,23 @@ class DumpSummary:
 
 
 class _Progress:
-    """A one-line progress display on stderr: sequences, tokens/s, ETA."""
+    """The dump's progress on stderr (tqdm): sequences done of those to write, tokens/s, time left."""
 
     def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.start = time.perf_counter()
-        self.done = self.tokens = 0
-        self._last = 0.0
-        self._tty = sys.stderr.isatty()
+        from tqdm import tqdm
 
-    def update(self, sequences: int, tokens: int, final: bool = False):
-        self.done += sequences
-        self.tokens += tokens
-        now = time.perf_counter()
-        if not self.enabled or (not final and now - self._last < (0.2 if self._tty else 5.0)):
-            return
-        self._last = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        width = 24
-        filled = int(width * self.done / max(self.total, 1))
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} seq  "
-                f"{self.tokens / elapsed:,.0f} tok/s  ETA {eta:,.0f} s")
-        print(("\r" if self._tty else "") + line, end="\n" if (final or not self._tty) else "", file=sys.stderr,
-              flush=True)
+        self._bar = tqdm(total=total, unit="seq", desc="dump", disable=not enabled, file=sys.stderr,
+                         mininterval=0.2 if sys.stderr.isatty() else 5.0, dynamic_ncols=True)
+        self._tokens, self._start = 0, time.perf_counter()
+
+    def update(self, sequences: int, tokens: int) -> None:
+        self._tokens += tokens
+        rate = self._tokens / max(time.perf_counter() - self._start, 1e-9)
+        self._bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+        self._bar.update(sequences)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def _identity(model, record, prompts_path, prompts_sha256, batch_size, max_len, truncate, compute_dtype) -> dict:
@@ -679,7 +671,7 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
                 bar.update(n, sum(len(i) for i in batch_ids))
         finally:
             writer.close()
-        bar.update(0, 0, final=True)
+            bar.close()
         distributed.barrier("grokscope-dump: written")  # every process's writes are done
         if leader and np.asarray(group["done"][:]).all():
             group.attrs.update({"status": "complete", "finished": _now()})

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-__all__ = ["QuantizedWeight8bit", "dequantize", "quantize", "is_quantized"]
+__all__ = ["QuantizedWeight8bit", "dequantize", "quantize"]
 
 
 @dataclasses.dataclass
@@ -47,10 +47,6 @@ class QuantizedWeight8bit:
 
 
 jax.tree_util.register_dataclass(QuantizedWeight8bit, data_fields=["weight", "scales"], meta_fields=[])
-
-
-def is_quantized(x: Any) -> bool:
-    return isinstance(x, QuantizedWeight8bit)
 
 
 def dequantize(w: Any, dtype=jnp.bfloat16) -> jax.Array:

@@ -8,18 +8,26 @@ first few sequences.
 
 from __future__ import annotations
 
-import html
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import plotly.io as pio
 import xarray as xr
+from markupsafe import Markup
 
 from grokscope.widgets import figures
 from grokscope.widgets.data import group_columns, sequence_labels, sequence_routing
 
 __all__ = ["write_report", "report_layers"]
+
+
+def _environment():
+    """The package's jinja2 templates (`grokscope/templates/`), HTML-escaped unless marked safe."""
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("grokscope", "templates"),
+                              autoescape=jinja2.select_autoescape(["html", "j2"]), keep_trailing_newline=True)
 
 _MAX_LAYER_SECTIONS = 8
 
@@ -61,63 +69,37 @@ def write_report(source: xr.Dataset | str, out: str | Path, by: str | None = Non
     layers = [int(x) for x in ds["layer"].values]
     shown = report_layers(layers)
 
-    parts: list[str] = []
     first = [True]
 
-    def figure(fig):
-        parts.append(pio.to_html(fig, full_html=False, include_plotlyjs=first[0], config={"displaylogo": False}))
+    def figure(fig) -> Markup:
+        # plotly.js goes into the first figure only
+        markup = Markup(pio.to_html(fig, full_html=False, include_plotlyjs=first[0], config={"displaylogo": False}))
         first[0] = False
-
-    def heading(text, level=2):
-        parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        return markup
 
     config = ds.attrs.get("model_config", {})
-    tokens = int(ds["length"].sum())
-    heading("Overview")
-    parts.append(f"<p>{ds.sizes['sequence']} sequences, {tokens} tokens; model: {config.get('num_layers', '?')} "
-                 f"layers, {config.get('emb_size', '?')} wide, {ds.sizes['expert']} experts, top-"
-                 f"{ds.sizes['slot']}. Store status: {html.escape(str(ds.attrs.get('status', '?')))}.</p>")
-    figure(figures.load_figure(ds))
-    figure(figures.entropy_figure(ds))
-    if summary:
-        heading("Summary (grokscope analyze)")
-        parts.append(f"<pre>{html.escape(format_summary(summarize(ds, by=by)))}</pre>")
-    heading("Per layer")
-    if shown != layers:
-        parts.append(f"<p>{len(shown)} of {len(layers)} layers, evenly spaced: {shown}.</p>")
-    for layer in shown:
-        heading(f"Layer {layer}", 3)
-        figure(figures.coactivation_figure(ds, layer))
-        figure(figures.top_tokens_figure(ds, layer))
-        if by is not None:
-            figure(figures.group_figure(ds, by, layer))
-    heading("Flow between layers")
-    for a, b in zip(shown[:-1], shown[1:]):
-        figure(figures.sankey_figure(ds, a, b))
-    heading("Routing of single sequences")
+    overview = {"sequences": ds.sizes["sequence"], "tokens": int(ds["length"].sum()),
+                "layers": config.get("num_layers", "?"), "width": config.get("emb_size", "?"),
+                "experts": ds.sizes["expert"], "top_k": ds.sizes["slot"], "status": ds.attrs.get("status", "?"),
+                "figures": [figure(figures.load_figure(ds)), figure(figures.entropy_figure(ds))]}
+    summary_text = format_summary(summarize(ds, by=by)) if summary else None
+    per_layer = [{"number": layer,
+                  "figures": [figure(figures.coactivation_figure(ds, layer)), figure(figures.top_tokens_figure(ds, layer))]
+                  + ([figure(figures.group_figure(ds, by, layer))] if by is not None else [])}
+                 for layer in shown]
+    flows = [figure(figures.sankey_figure(ds, a, b)) for a, b in zip(shown[:-1], shown[1:])]
     labels = sequence_labels(ds)
+    single = []
     for i in range(min(sequences, ds.sizes["sequence"])):
-        heading(labels[i], 3)
         routing = sequence_routing(ds, i)
-        figure(figures.routing_heatmap(routing))
-        parts.append(figures.token_html(routing, layers[0]))
-
-    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    title = title or f"grokscope report: {name}"
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: "DejaVu Sans", Arial, sans-serif; max-width: 1100px; margin: 24px auto; padding: 0 16px;
-       color: #222; }}
-h1 {{ font-size: 22px; }} h2 {{ font-size: 18px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }}
-h3 {{ font-size: 15px; }} pre {{ background: #f6f6f6; padding: 8px; overflow-x: auto; font-size: 12px; }}
-</style></head>
-<body>
-<h1>{html.escape(title)}</h1>
-<p>Written {created} by grokscope. Every figure is embedded: this file opens offline, with no kernel.</p>
-{chr(10).join(parts)}
-</body></html>
-"""
+        single.append({"label": labels[i], "figure": figure(figures.routing_heatmap(routing)),
+                       "tokens": Markup(figures.token_html(routing, layers[0]))})
+    page = _environment().get_template("report.html.j2").render(
+        title=title or f"grokscope report: {name}",
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        overview=overview, summary=summary_text,
+        layers_note=f"{len(shown)} of {len(layers)} layers, evenly spaced: {shown}." if shown != layers else "",
+        per_layer=per_layer, flows=flows, sequences=single)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")

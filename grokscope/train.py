@@ -607,7 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(f"tokens {token_counts}; held-out windows code {len(heldout['code'])}, prose {len(heldout['prose'])}")
 
     # Model and optimiser.
-    apply = make_forward(config, RecordSpec(routing=True), compute_dtype="float32")
+    # dense dispatch: differentiable (the grouped loop's dynamic trip counts are not)
+    apply = make_forward(config, RecordSpec(routing=True), compute_dtype="float32", moe_dispatch="dense")
     params = _initial_params(config, settings.seed)
     opt, schedule = _make_optimizer(settings)
     opt_state = opt.init(params)

@@ -74,10 +74,6 @@ class View(W.VBox):
     def static_parts(self) -> list[go.Figure | str]:  # pragma: no cover - overridden
         return []
 
-    def static_figures(self) -> list[go.Figure]:
-        """The current view as plain plotly figures."""
-        return [p for p in self.static_parts() if isinstance(p, go.Figure)]
-
     def _repr_mimebundle_(self, **kwargs) -> dict[str, Any]:
         bundle = super()._repr_mimebundle_(**kwargs)
         try:

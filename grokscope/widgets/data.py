@@ -15,9 +15,8 @@ from grokscope.analysis.common import router_probs
 from grokscope.tokenizer import display_piece
 
 __all__ = ["SequenceRouting", "sequence_routing", "sequence_labels", "group_columns", "attention_matrix", "attention_options",
-           "next_token_distributions", "ATTENTION_FORMATS"]
+           "next_token_distributions"]
 
-ATTENTION_FORMATS = ("full", "head_mean", "topk")
 
 
 @dataclasses.dataclass(frozen=True)
