@@ -1,13 +1,15 @@
-"""Command line: `grokscope dump | analyze | inspect | train-tiny | demo`."""
+"""Command line: `grokscope dump | analyze | report | verify | inspect | train-tiny | demo`."""
 
 from __future__ import annotations
 
-import argparse
+import functools
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import numpy as np
 
 
@@ -271,82 +273,131 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def _command(group: click.Group, name: str, handler, help: str, **settings):
+    """A click command of `group` that calls `handler(args)` with its options as attributes."""
+
+    def decorate(params_fn):
+        @group.command(name, help=help, context_settings=settings or None)
+        @functools.wraps(params_fn)
+        def command(**options):
+            return handler(SimpleNamespace(**options))
+
+        return command
+
+    return decorate
+
+
+@click.group(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    pass
+
+
+@_command(cli, "dump", cmd_dump,
+          "record routing (and attention, residuals) for a prompt file into a zarr store")
+@click.option("--prompts", required=True, help='.txt (a prompt per line) or .jsonl ({"text": ..., "label": ...})')
+@click.option("--out", required=True, help="the store, e.g. activations/NAME.zarr (an unfinished one resumes)")
+@click.option("--checkpoint", help="directory holding ckpt-0/ (default: the bundled model)")
+@click.option("--tokenizer", help="SentencePiece model (default: CHECKPOINT/tokenizer.model)")
+@click.option("--config", help="preset or JSON (default: CHECKPOINT/config.json)")
+@click.option("--record", default="routing", show_default=True,
+              help="what to record, e.g. routing,attention:layers=0-3:heads=all:format=topk:k=16,"
+                   "residual:layers=0,2 (attention formats: full, head_mean, topk)")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="sequences per forward and per store chunk, >= 1; in a one-process job at most the number of "
+                   "prompts (a larger value uses the prompt count, which the store records)")
+@click.option("--max-len", type=int, help="positions per sequence, >= 1 (default: the model's sequence_len)")
+@click.option("--truncate", type=click.Choice(["left", "right"]), help="truncate longer prompts instead of failing")
+@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--mesh", help="DATAxMODEL device mesh, e.g. 1x8: at most the devices available, all of them in a "
+                             "multi-process job (default: one device)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--coordinator", help="HOST:PORT of process 0, for a job over several processes/hosts")
+@click.option("--num-processes", type=int, help="processes in the job (with --coordinator)")
+@click.option("--process-id", type=int, help="this process's index, 0..N-1 (with --coordinator)")
+@click.option("--distributed", is_flag=True,
+              help="join a multi-process job described by the environment (SLURM, Open MPI, ...)")
+@click.option("--coordinator-timeout", type=int, default=120, show_default=True,
+              help="seconds to wait for every process to join")
+def _dump_options():
+    pass
+
+
+@_command(cli, "analyze", cmd_analyze,
+          "per-layer routing summary of a store, each number beside its null baseline")
+@click.argument("store")
+@click.option("--by", help="a per-sequence variable to compare groups by, e.g. label")
+@click.option("--permutations", type=int, default=200, show_default=True, help="shuffles for the p-values")
+@click.option("-o", "--output", help="also write the summary to a .json or .csv file")
+@click.option("--scheduler", help="run on a dask.distributed cluster, e.g. tcp://host:8786")
+@click.option("--scheduler-timeout", type=float, default=30, show_default=True,
+              help="seconds to wait for the dask scheduler")
+def _analyze_options():
+    pass
+
+
+@_command(cli, "report", cmd_report, "one standalone HTML file of a store's routing figures (opens offline)")
+@click.argument("store")
+@click.option("-o", "--output", default="report.html", show_default=True, help="the HTML file to write")
+@click.option("--by", help="a per-sequence variable to compare groups by (default: label, if present)")
+@click.option("--sequences", type=int, default=3, show_default=True, help="sequences whose routing is shown")
+@click.option("--no-summary", is_flag=True, help="leave out the analyze table (its permutation tests)")
+def _report_options():
+    pass
+
+
+@_command(cli, "verify", cmd_verify, "check a store: metadata, schema, every chunk its finished sequences need")
+@click.argument("store")
+@click.option("--deep", is_flag=True, help="also read and decode every chunk (reads the whole store)")
+def _verify_options():
+    pass
+
+
+@_command(cli, "inspect", cmd_inspect, "list and validate every tensor of a checkpoint")
+@click.argument("checkpoint_dir")
+@click.option("--config", help="preset (grok-1, tiny, small) or JSON file; default CHECKPOINT_DIR/config.json")
+def _inspect_options():
+    pass
+
+
+@_command(cli, "demo", cmd_demo, "write a random checkpoint, load it sharded, run it, print routing")
+@click.option("--preset", default="small", show_default=True, help="model preset")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch", type=int, default=8, show_default=True)
+@click.option("--seq-len", type=int, default=64, show_default=True)
+@click.option("--checkpoint-out", help="where to write the checkpoint (default: a temp dir)")
+def _demo_options():
+    pass
+
+
+@cli.command("train-tiny", help="train the bundled grok-tiny model (python -m grokscope.train --help)",
+             context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+def _train_tiny(train_args) -> int:
+    from grokscope.train import main as train_main
+
+    return train_main(list(train_args))
+
+
 def main(argv=None) -> int:
+    """Runs the command line `argv` (default: sys.argv); returns the exit status. Usage errors
+    (an unknown command or flag, a value of the wrong type) are one line naming the flag."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train-tiny"]:
-        from grokscope.train import main as train_main
-
-        return train_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="grokscope", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("dump", help="record routing (and attention, residuals) for a prompt file into a zarr store")
-    p.add_argument("--prompts", required=True, help=".txt (a prompt per line) or .jsonl ({\"text\": ..., \"label\": ...})")
-    p.add_argument("--out", required=True, help="the store, e.g. activations/NAME.zarr (an unfinished one resumes)")
-    p.add_argument("--checkpoint", help="directory holding ckpt-0/ (default: the bundled model)")
-    p.add_argument("--tokenizer", help="SentencePiece model (default: CHECKPOINT/tokenizer.model)")
-    p.add_argument("--config", help="preset or JSON (default: CHECKPOINT/config.json)")
-    p.add_argument("--record", default="routing",
-                   help="what to record, e.g. routing,attention:layers=0-3:heads=all:format=topk:k=16,residual:layers=0,2 "
-                        "(attention formats: full, head_mean, topk)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="sequences per forward and the store's chunk along sequence, >= 1 (default 8); a one-process "
-                        "job uses at most the number of prompts, and the store records the size used")
-    p.add_argument("--max-len", type=int, help="positions per sequence, >= 1 (default: the model's sequence_len)")
-    p.add_argument("--truncate", choices=["left", "right"], help="truncate longer prompts instead of failing")
-    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8: at most the devices available, all of them in a "
-                                  "multi-process job (default: one device)")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.add_argument("--coordinator", help="HOST:PORT of process 0, for a job over several processes/hosts")
-    p.add_argument("--num-processes", type=int, help="processes in the job (with --coordinator)")
-    p.add_argument("--process-id", type=int, help="this process's index, 0..N-1 (with --coordinator)")
-    p.add_argument("--distributed", action="store_true",
-                   help="join a multi-process job described by the environment (SLURM, Open MPI, ...)")
-    p.add_argument("--coordinator-timeout", type=int, default=120,
-                   help="seconds to wait for every process to join (default 120)")
-    p.set_defaults(func=cmd_dump)
-
-    p = sub.add_parser("analyze", help="per-layer routing summary of a store, each number beside its null baseline")
-    p.add_argument("store", help="a store path or fsspec URL")
-    p.add_argument("--by", help="a per-sequence variable to compare groups by, e.g. label")
-    p.add_argument("--permutations", type=int, default=200, help="shuffles for the p-values (default 200)")
-    p.add_argument("-o", "--output", help="also write the summary to a .json or .csv file")
-    p.add_argument("--scheduler", help="run on a dask.distributed cluster, e.g. tcp://host:8786")
-    p.add_argument("--scheduler-timeout", type=float, default=30,
-                   help="seconds to wait for the dask scheduler (default 30)")
-    p.set_defaults(func=cmd_analyze)
-
-    p = sub.add_parser("report", help="one standalone HTML file of a store's routing figures (opens offline)")
-    p.add_argument("store", help="a store path or fsspec URL")
-    p.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
-    p.add_argument("--by", help="a per-sequence variable to compare groups by (default: label, if present)")
-    p.add_argument("--sequences", type=int, default=3, help="sequences whose routing is shown (default 3)")
-    p.add_argument("--no-summary", action="store_true", help="leave out the analyze table (its permutation tests)")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("verify", help="check a store: metadata, schema, every chunk its finished sequences need")
-    p.add_argument("store", help="a store path or fsspec URL")
-    p.add_argument("--deep", action="store_true", help="also read and decode every chunk (reads the whole store)")
-    p.set_defaults(func=cmd_verify)
-
-    p = sub.add_parser("inspect", help="list and validate every tensor of a checkpoint")
-    p.add_argument("checkpoint_dir", help="directory holding ckpt-0/")
-    p.add_argument("--config", help="preset (grok-1, tiny, small) or JSON file; default CHECKPOINT_DIR/config.json")
-    p.set_defaults(func=cmd_inspect)
-
-    sub.add_parser("train-tiny", help="train the bundled grok-tiny model (python -m grokscope.train --help)")
-
-    p = sub.add_parser("demo", help="write a random checkpoint, load it sharded, run it, print routing")
-    p.add_argument("--preset", default="small", help="model preset (default: small)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--checkpoint-out", help="where to write the checkpoint (default: a temp dir)")
-    p.set_defaults(func=cmd_demo)
-
-    args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        status = cli.main(args=argv, prog_name="grokscope", standalone_mode=False)
+    except click.UsageError as e:
+        if type(e).__name__.startswith("NoArgsIsHelp"):  # no command given: the help, as a usage error
+            print(e.format_message(), file=sys.stderr)
+        else:
+            print(f"error: {e.format_message()}", file=sys.stderr)
+        return 2
+    except click.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        return e.exit_code
+    except click.exceptions.Abort:
+        return 130
+    except click.exceptions.Exit as e:  # --help
+        return e.exit_code
+    return 0 if status is None else int(status)
 
 
 if __name__ == "__main__":

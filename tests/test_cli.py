@@ -3,6 +3,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from grokscope.cli import main
 
 
@@ -59,3 +61,19 @@ def test_inspect_names_a_missing_file(tmp_path, fixture_dir, capsys):
     (tmp_path / "ckpt-0" / "notes.txt").write_text("not a tensor")
     assert main(["inspect", str(tmp_path), "--config", str(fixture_dir / "config.json")]) == 1
     assert "first tensor00020_000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["dump", "--prompts", "p.txt", "--out", "o.zarr", "--batch-size", "abc"], "'--batch-size': 'abc' is not a valid integer"),
+    (["dump", "--prompts", "p.txt"], "Missing option '--out'"),
+    (["dump", "--prompts", "p.txt", "--out", "o.zarr", "--truncate", "middle"], "'--truncate'"),
+    (["analyze"], "Missing argument 'STORE'"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["verify", "s.zarr", "--deeep"], "No such option '--deeep'"),
+])
+def test_usage_errors_are_one_line_naming_the_flag(argv, named, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and named in err, err
+    assert not (tmp_path / "o.zarr").exists()
