@@ -130,19 +130,19 @@ def bf_shuffle_expected(ds, choice):
 @pytest.mark.parametrize("first", [True, False])
 def test_load_metrics_match_brute_force(store, first):
     expected = bf_hard_load(store, first)
-    got = load.hard_load(store, first_choice_only=first)
+    got = load.hard_load(store, choice="first" if first else "all")
     assert got.dims == ("layer", "expert") and got.attrs["baseline"] == 1 / E
     np.testing.assert_allclose(got.values, expected, rtol=1e-12)
     np.testing.assert_allclose(got.sum("expert").values, 1.0)
-    np.testing.assert_allclose(load.load_cv(store, first).values, expected.std(1) / expected.mean(1), rtol=1e-12)
-    np.testing.assert_allclose(load.max_vio(store, first).values,
+    np.testing.assert_allclose(load.load_cv(store, "first" if first else "all").values, expected.std(1) / expected.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(load.max_vio(store, "first" if first else "all").values,
                                (expected.max(1) - expected.mean(1)) / expected.mean(1), rtol=1e-12)
     with np.errstate(divide="ignore", invalid="ignore"):
         ent = -np.where(expected > 0, expected * np.log(expected), 0).sum(1) / np.log(E)
-    np.testing.assert_allclose(load.load_entropy(store, first).values, ent, rtol=1e-12)
+    np.testing.assert_allclose(load.load_entropy(store, "first" if first else "all").values, ent, rtol=1e-12)
     # per-sequence MaxVio: NaN for the empty sequence
     counts = bf_counts(store, first)
-    mv = load.max_vio(store, first, per_sequence=True).values
+    mv = load.max_vio(store, "first" if first else "all", per_sequence=True).values
     assert mv.shape == (4, 3) and np.isnan(mv[3]).all()
     np.testing.assert_allclose(mv[:3], (counts.max(2) - counts.mean(2))[:3] / counts.mean(2)[:3], rtol=1e-12)
 
@@ -174,7 +174,7 @@ def test_drop_rate_matches_brute_force(store, cf, batch, first):
     for c, n in zip(counts, lengths):
         cap = math.ceil(cf * k * n / E)
         dropped += np.maximum(c - cap, 0).sum(1)
-    got = load.drop_rate(store, cf, batch=batch, first_choice_only=first)
+    got = load.drop_rate(store, cf, batch=batch, choice="first" if first else "all")
     np.testing.assert_allclose(got.values, dropped / (k * lengths.sum()), rtol=1e-12)
 
 
@@ -196,7 +196,7 @@ def test_shape_metrics_match_brute_force(store):
     assert (mass > K / E - 1e-6).all() and (mass < 1).all()
 
 
-@pytest.mark.parametrize("choice", ["first", "any"])
+@pytest.mark.parametrize("choice", ["first", "all"])
 def test_repetition_matches_brute_force(store, choice):
     got = temporal.repetition_rate(store, choice)
     np.testing.assert_allclose(got.values, bf_repetition(store, choice), rtol=1e-12)
@@ -209,7 +209,7 @@ def test_repetition_matches_brute_force(store, choice):
                                    (bf_hard_load(store, True) ** 2).sum(1), rtol=1e-12)
 
 
-@pytest.mark.parametrize("choice", ["first", "any"])
+@pytest.mark.parametrize("choice", ["first", "all"])
 def test_shuffle_test(store, choice):
     test = temporal.repetition_shuffle_test(store, choice, n_permutations=400, seed=3)
     np.testing.assert_allclose(test["observed"].values, bf_repetition(store, choice), rtol=1e-12)
@@ -239,18 +239,18 @@ def test_shuffle_p_value_detects_structure():
 # ----------------------------------------------------------------------------- hand cases
 def test_random_baseline_formula():
     assert temporal.random_repetition_baseline(8, 2, "first") == 1 / 8
-    assert temporal.random_repetition_baseline(8, 2, "any") == pytest.approx(13 / 28)
+    assert temporal.random_repetition_baseline(8, 2, "all") == pytest.approx(13 / 28)
     for n, k in ((8, 2), (6, 3), (5, 1), (7, 3)):
         sets = [frozenset(c) for c in itertools.combinations(range(n), k)]
         brute = np.mean([bool(a & b) for a in sets for b in sets])
-        assert temporal.random_repetition_baseline(n, k, "any") == pytest.approx(brute)
+        assert temporal.random_repetition_baseline(n, k, "all") == pytest.approx(brute)
 
 
 def test_load_aware_baseline_equals_random_for_uniform_sets():
     sets = list(itertools.combinations(range(E), K))  # every 2-set once: uniform over sets
     index = np.array(sets)[None, :, None, :]
     ds = synthetic_store(index, [len(sets)])
-    assert temporal.load_aware_repetition_baseline(ds, "any").item() == pytest.approx(13 / 28)
+    assert temporal.load_aware_repetition_baseline(ds, "all").item() == pytest.approx(13 / 28)
     assert temporal.load_aware_repetition_baseline(ds, "first").item() == pytest.approx(
         (bf_hard_load(ds, True) ** 2).sum())
 
@@ -262,7 +262,7 @@ def test_alternating_routing_has_no_repetition():
     index[:, 1::2, 0] = [2, 3]
     ds = synthetic_store(index, [P, 7])
     assert temporal.repetition_rate(ds, "first").item() == 0
-    assert temporal.repetition_rate(ds, "any").item() == 0
+    assert temporal.repetition_rate(ds, "all").item() == 0
 
 
 def test_single_expert_takes_everything():
@@ -291,10 +291,10 @@ def test_round_robin_is_balanced():
             index[s, :, layer, 1] = (np.arange(P) + s + layer + 3) % E
     ds = synthetic_store(index, [16, 8, 8])
     for first in (True, False):
-        np.testing.assert_allclose(load.load_cv(ds, first).values, 0, atol=1e-12)
-        np.testing.assert_allclose(load.max_vio(ds, first).values, 0, atol=1e-12)
-        np.testing.assert_allclose(load.hard_load(ds, first).values, 1 / E)
-        np.testing.assert_allclose(load.drop_rate(ds, 1.0, first_choice_only=first).values, 0)
+        np.testing.assert_allclose(load.load_cv(ds, "first" if first else "all").values, 0, atol=1e-12)
+        np.testing.assert_allclose(load.max_vio(ds, "first" if first else "all").values, 0, atol=1e-12)
+        np.testing.assert_allclose(load.hard_load(ds, "first" if first else "all").values, 1 / E)
+        np.testing.assert_allclose(load.drop_rate(ds, 1.0, choice="first" if first else "all").values, 0)
     np.testing.assert_allclose(load.balance_loss(ds).values, 1.0, rtol=1e-6)
     np.testing.assert_allclose(load.load_entropy(ds).values, 1.0)
     np.testing.assert_allclose(temporal.repetition_rate(ds).values, 0)
@@ -305,20 +305,20 @@ def test_cv_sampling_baseline():
     ds = _random_store(seed=5)
     n = ds["length"].values.sum()
     assert load.load_cv_sampling_baseline(ds).item() == pytest.approx(math.sqrt((E - K) / (K * n)))
-    assert load.load_cv_sampling_baseline(ds, True).item() == pytest.approx(math.sqrt((E - 1) / n))
+    assert load.load_cv_sampling_baseline(ds, "first").item() == pytest.approx(math.sqrt((E - 1) / n))
 
 
 # ----------------------------------------------------------------------------- padding / laziness
 def _all_results(ds):
     out = {}
     for first in (True, False):
-        out[f"hard{first}"] = load.hard_load(ds, first)
-        out[f"cv{first}"] = load.load_cv(ds, first)
-        out[f"maxvio{first}"] = load.max_vio(ds, first)
-        out[f"maxvio_seq{first}"] = load.max_vio(ds, first, per_sequence=True)
-        out[f"entropy{first}"] = load.load_entropy(ds, first)
+        out[f"hard{first}"] = load.hard_load(ds, "first" if first else "all")
+        out[f"cv{first}"] = load.load_cv(ds, "first" if first else "all")
+        out[f"maxvio{first}"] = load.max_vio(ds, "first" if first else "all")
+        out[f"maxvio_seq{first}"] = load.max_vio(ds, "first" if first else "all", per_sequence=True)
+        out[f"entropy{first}"] = load.load_entropy(ds, "first" if first else "all")
         for batch in ("sequence", "store"):
-            out[f"drop{first}{batch}"] = load.drop_rate(ds, 1.25, batch, first)
+            out[f"drop{first}{batch}"] = load.drop_rate(ds, 1.25, batch, "first" if first else "all")
     out["soft"] = load.soft_load(ds)
     out["balance"] = load.balance_loss(ds)
     out["balance_mix"] = load.balance_loss(ds, "mixtral")
@@ -328,7 +328,7 @@ def _all_results(ds):
     margins = shape.router_margins(ds)
     out["m12"] = shape.layer_mean(margins["margin_12"], ds)
     out["m23"] = shape.layer_mean(margins["margin_23"], ds)
-    for choice in ("first", "any"):
+    for choice in ("first", "all"):
         out[f"rep{choice}"] = temporal.repetition_rate(ds, choice)
         out[f"rep_load{choice}"] = temporal.load_aware_repetition_baseline(ds, choice)
         out[f"rep_shuffle{choice}"] = temporal.shuffle_expected_repetition(ds, choice)
@@ -353,8 +353,8 @@ def test_padding_invariance():
     a, b = _all_results(small), _all_results(big)
     for name in a:
         np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-6, atol=1e-9, err_msg=name)
-    eager = temporal.repetition_shuffle_test(small, "any", n_permutations=30, seed=2)
-    padded = temporal.repetition_shuffle_test(big, "any", n_permutations=30, seed=2)
+    eager = temporal.repetition_shuffle_test(small, "all", n_permutations=30, seed=2)
+    padded = temporal.repetition_shuffle_test(big, "all", n_permutations=30, seed=2)
     xr.testing.assert_allclose(eager, padded)
     for name in ("router_entropy", "margin"):
         per_token = shape.router_entropy(big) if name == "router_entropy" else shape.router_margins(big)["margin_23"]
@@ -382,7 +382,7 @@ def test_empty_store_gives_nan_without_warnings():
     ds = _random_store(seed=3, lengths=(0, 0, 0, 0))
     for name, value in _all_results(ds).items():
         assert np.isnan(value.values).all(), name  # no token: every rate is undefined, drops included
-    test = temporal.repetition_shuffle_test(ds, "any", n_permutations=5)
+    test = temporal.repetition_shuffle_test(ds, "all", n_permutations=5)
     assert np.isnan(test["p_value"].values).all() and np.isnan(test["observed"].values).all()
 
 
@@ -392,7 +392,7 @@ def test_cv_maximum_with_k_slots():
     cv = load.load_cv(ds)
     np.testing.assert_allclose(cv.values, math.sqrt(E / K - 1))
     assert cv.attrs["max"] == pytest.approx(math.sqrt(E / K - 1))
-    np.testing.assert_allclose(load.load_cv(ds, True).values, math.sqrt(E - 1))
+    np.testing.assert_allclose(load.load_cv(ds, "first").values, math.sqrt(E - 1))
 
 
 def test_zarr_store_opened_lazily(tmp_path):
@@ -405,3 +405,18 @@ def test_zarr_store_opened_lazily(tmp_path):
     for name in eager:
         assert lazy[name].chunks is not None, name
         np.testing.assert_allclose(lazy[name].values, eager[name].values, rtol=1e-6, atol=1e-12, err_msg=name)
+
+
+def test_earlier_spellings_of_the_choice_still_work_with_a_warning(store):
+    from grokscope.analysis import specialisation
+
+    with pytest.warns(DeprecationWarning, match="first_choice_only= is deprecated"):
+        old = load.hard_load(store, first_choice_only=True)
+    xr.testing.assert_identical(old, load.hard_load(store, choice="first"))
+    with pytest.warns(DeprecationWarning, match="choice='any' is deprecated"):
+        old = temporal.repetition_rate(store, "any")
+    xr.testing.assert_identical(old, temporal.repetition_rate(store, "all"))
+    with pytest.warns(DeprecationWarning, match="choice='topk' is deprecated"):
+        specialisation.group_load(store, by="label", choice="topk") if "label" in store else load.hard_load(store, "topk")
+    with pytest.raises(ValueError, match="choice: expected 'first'"):
+        load.hard_load(store, choice="second")

@@ -45,12 +45,12 @@ def idx(ds):
 # ---------------------------------------------------------------------------------------------- specialisation
 
 
-@pytest.mark.parametrize("choice", ["topk", "first"])
+@pytest.mark.parametrize("choice", ["all", "first"])
 def test_group_load_matches_loops(choice):
     ds = random_store(1)
     out = group_load(ds, "label", choice)
     index, labels = idx(ds), ds["label"].values
-    slots = range(K) if choice == "topk" else range(1)
+    slots = range(K) if choice == "all" else range(1)
     count = defaultdict(int)
     ntok = Counter()
     for s, p in real(ds):

@@ -3,10 +3,36 @@ small synthetic stores for tests and examples."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from typing import Literal, Sequence
 
 import numpy as np
 import xarray as xr
+
+Choice = Literal["first", "all"]
+"""Which of a token's top-k experts a count or a rate takes: "first" (slot 0, the largest
+gate) or "all" (every one of the k slots)."""
+
+_OLD_CHOICES = {"any": "all", "topk": "all"}
+
+
+def resolve_choice(choice, first_choice_only: bool | None = None) -> str:
+    """`choice` as "first" or "all". The spellings of earlier versions (`first_choice_only=`
+    True/False, `choice="any"` or `"topk"`) still work, with a DeprecationWarning."""
+    if first_choice_only is not None:
+        warnings.warn("first_choice_only= is deprecated: use choice='first' or choice='all'",
+                      DeprecationWarning, stacklevel=3)
+        choice = "first" if first_choice_only else "all"
+    if isinstance(choice, bool):
+        warnings.warn("a True/False choice is deprecated: use choice='first' or choice='all'",
+                      DeprecationWarning, stacklevel=3)
+        choice = "first" if choice else "all"
+    if choice in _OLD_CHOICES:
+        warnings.warn(f"choice={choice!r} is deprecated: use choice='all'", DeprecationWarning, stacklevel=3)
+        choice = _OLD_CHOICES[choice]
+    if choice not in ("first", "all"):
+        raise ValueError(f"choice: expected 'first' (slot 0) or 'all' (every top-k slot), got {choice!r}")
+    return choice
 
 __all__ = ["valid_tokens", "router_probs", "synthetic_store"]
 

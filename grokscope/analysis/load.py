@@ -23,7 +23,7 @@ import math
 import numpy as np
 import xarray as xr
 
-from grokscope.analysis.common import router_probs, valid_tokens
+from grokscope.analysis.common import Choice, resolve_choice, router_probs, valid_tokens
 
 __all__ = ["expert_counts", "hard_load", "soft_load", "balance_loss", "load_cv", "load_cv_sampling_baseline",
            "max_vio", "drop_rate", "load_entropy"]
@@ -51,24 +51,29 @@ def _slots(ds: xr.Dataset, first_choice_only: bool) -> xr.DataArray:
     return index.isel(slot=slice(0, 1)) if first_choice_only else index
 
 
+def _choice(first: bool) -> str:
+    return "first" if first else "all"
+
+
 def _safe_div(num: xr.DataArray, den: xr.DataArray | float) -> xr.DataArray:
     """num / den, NaN (without a numpy warning) where den == 0."""
     den = xr.DataArray(den) if not isinstance(den, xr.DataArray) else den
     return num / den.where(den != 0)
 
 
-def expert_counts(ds: xr.Dataset, first_choice_only: bool = False,
+def expert_counts(ds: xr.Dataset, choice: Choice = "all", first_choice_only: bool | None = None,
                   per_sequence: bool = False) -> xr.DataArray:
     """Number of valid-token assignments to each expert: Σ_t Σ_r 1[e_t^(r) = e].
 
     Args:
       ds: a store's Dataset.
-      first_choice_only: count slot 0 only (r = 1) instead of all k slots.
+      choice: "first" counts slot 0 only (r = 1), "all" (default) all k slots.
       per_sequence: keep the `sequence` dim (one count per batch = sequence).
 
     Returns:
       int64 (layer, expert), or (sequence, layer, expert) with `per_sequence`.
     """
+    first_choice_only = resolve_choice(choice, first_choice_only) == "first"
     onehot = (_slots(ds, first_choice_only) == _experts(ds)) & valid_tokens(ds)
     dims = ["position", "slot"] if per_sequence else ["sequence", "position", "slot"]
     counts = onehot.sum(dims, dtype=np.int64)
@@ -83,7 +88,7 @@ def _num_valid(ds: xr.Dataset, per_sequence: bool = False) -> xr.DataArray:
 
 
 # ----------------------------------------------------------------------------- metrics
-def hard_load(ds: xr.Dataset, first_choice_only: bool = False) -> xr.DataArray:
+def hard_load(ds: xr.Dataset, choice: Choice = "all", first_choice_only: bool | None = None) -> xr.DataArray:
     """Assignment share (hard load) per layer and expert.
 
     Load_{l,e} = (1/(kN)) Σ_t Σ_{r=1..k} 1[e_t^(r) = e] over the N valid tokens (all k slots,
@@ -93,14 +98,15 @@ def hard_load(ds: xr.Dataset, first_choice_only: bool = False) -> xr.DataArray:
 
     Args:
       ds: a store's Dataset.
-      first_choice_only: slot 0 only instead of all k slots.
+      choice: "first" (slot 0 only) or "all" (default: all k slots).
 
     Returns:
       float64 (layer, expert).
     """
+    first_choice_only = resolve_choice(choice, first_choice_only) == "first"
     k = 1 if first_choice_only else int(ds.sizes["slot"])
     E = _num_experts(ds)
-    load = _safe_div(expert_counts(ds, first_choice_only).astype(np.float64), k * _num_valid(ds))
+    load = _safe_div(expert_counts(ds, _choice(first_choice_only)).astype(np.float64), k * _num_valid(ds))
     which = "first choice" if first_choice_only else f"any of the top-{k} choices"
     load.attrs = {
         "long_name": "hard load (assignment share)",
@@ -158,7 +164,7 @@ def balance_loss(ds: xr.Dataset, variant: str = "switch", alpha: float = 1.0) ->
     first = variant == "switch"
     E = _num_experts(ds)
     k = 1 if first else int(ds.sizes["slot"])
-    f = _safe_div(expert_counts(ds, first_choice_only=first).astype(np.float64), _num_valid(ds))
+    f = _safe_div(expert_counts(ds, "first" if first else "all").astype(np.float64), _num_valid(ds))
     loss = (alpha * E * (f * soft_load(ds)).sum("expert", skipna=False)).transpose("layer")
     loss.attrs = {
         "long_name": f"load-balancing loss ({variant})",
@@ -172,7 +178,7 @@ def balance_loss(ds: xr.Dataset, variant: str = "switch", alpha: float = 1.0) ->
     return loss
 
 
-def load_cv(ds: xr.Dataset, first_choice_only: bool = False) -> xr.DataArray:
+def load_cv(ds: xr.Dataset, choice: Choice = "all", first_choice_only: bool | None = None) -> xr.DataArray:
     """Coefficient of variation of the hard load across experts, per layer.
 
     CV_l = std_e(Load_{l,e}) / mean_e(Load_{l,e}) (population std, ddof = 0), so CV = 0 for a
@@ -186,7 +192,8 @@ def load_cv(ds: xr.Dataset, first_choice_only: bool = False) -> xr.DataArray:
     Returns:
       float64 (layer,).
     """
-    load = hard_load(ds, first_choice_only)
+    first_choice_only = resolve_choice(choice, first_choice_only) == "first"
+    load = hard_load(ds, _choice(first_choice_only))
     cv = _safe_div(load.std("expert", skipna=False), load.mean("expert", skipna=False))
     cv = cv.transpose("layer")
     E = _num_experts(ds)
@@ -204,7 +211,8 @@ def load_cv(ds: xr.Dataset, first_choice_only: bool = False) -> xr.DataArray:
     return cv
 
 
-def load_cv_sampling_baseline(ds: xr.Dataset, first_choice_only: bool = False) -> xr.DataArray:
+def load_cv_sampling_baseline(ds: xr.Dataset, choice: Choice = "all",
+                              first_choice_only: bool | None = None) -> xr.DataArray:
     """sqrt((E - k)/(kN)): the CV of the load expected from sampling noise alone.
 
     If each of N tokens picks a uniformly random k-set of experts, the shares have
@@ -214,6 +222,7 @@ def load_cv_sampling_baseline(ds: xr.Dataset, first_choice_only: bool = False) -
     Returns:
       float64 scalar DataArray.
     """
+    first_choice_only = resolve_choice(choice, first_choice_only) == "first"
     E = _num_experts(ds)
     k = 1 if first_choice_only else int(ds.sizes["slot"])
     out = np.sqrt(_safe_div(xr.DataArray(float(E - k)), k * _num_valid(ds).astype(np.float64)))
@@ -222,7 +231,8 @@ def load_cv_sampling_baseline(ds: xr.Dataset, first_choice_only: bool = False) -
     return out
 
 
-def max_vio(ds: xr.Dataset, first_choice_only: bool = False, per_sequence: bool = False) -> xr.DataArray:
+def max_vio(ds: xr.Dataset, choice: Choice = "all", first_choice_only: bool | None = None,
+            per_sequence: bool = False) -> xr.DataArray:
     """MaxVio, the maximal relative overload of an expert, per layer.
 
     MaxVio = (max_e Load_e - mean_e Load_e) / mean_e Load_e (Wang et al., Auxiliary-Loss-Free
@@ -233,7 +243,8 @@ def max_vio(ds: xr.Dataset, first_choice_only: bool = False, per_sequence: bool 
     Returns:
       float64 (layer,), or (sequence, layer) with `per_sequence`.
     """
-    counts = expert_counts(ds, first_choice_only, per_sequence=per_sequence).astype(np.float64)
+    first_choice_only = resolve_choice(choice, first_choice_only) == "first"
+    counts = expert_counts(ds, _choice(first_choice_only), per_sequence=per_sequence).astype(np.float64)
     mean = counts.mean("expert")  # the 1/(kN) normalisation cancels in the ratio
     vio = _safe_div(counts.max("expert") - mean, mean)
     vio = vio.transpose("sequence", "layer") if per_sequence else vio.transpose("layer")
@@ -249,7 +260,7 @@ def max_vio(ds: xr.Dataset, first_choice_only: bool = False, per_sequence: bool 
 
 
 def drop_rate(ds: xr.Dataset, capacity_factor: float = 1.25, batch: str = "sequence",
-              first_choice_only: bool = False) -> xr.DataArray:
+              choice: Choice = "all", first_choice_only: bool | None = None) -> xr.DataArray:
     """Hypothetical (would-be) token-drop rate at a given capacity factor, per layer.
 
     Switch Transformers (arXiv 2101.03961 §2.2): expert capacity C = (tokens per batch / E) ×
@@ -266,17 +277,18 @@ def drop_rate(ds: xr.Dataset, capacity_factor: float = 1.25, batch: str = "seque
       ds: a store's Dataset.
       capacity_factor: CF, e.g. 1.0, 1.25 or 2.0.
       batch: "sequence" or "store".
-      first_choice_only: k = 1, slot 0 only (the literal Switch top-1 setting).
+      choice: "first": k = 1, slot 0 only (the literal Switch top-1 setting); "all" (default).
 
     Returns:
       float64 (layer,).
     """
+    first_choice_only = resolve_choice(choice, first_choice_only) == "first"
     if batch not in ("sequence", "store"):
         raise ValueError(f"batch must be 'sequence' or 'store', got {batch!r}")
     per_sequence = batch == "sequence"
     E = _num_experts(ds)
     k = 1 if first_choice_only else int(ds.sizes["slot"])
-    counts = expert_counts(ds, first_choice_only, per_sequence=per_sequence)
+    counts = expert_counts(ds, _choice(first_choice_only), per_sequence=per_sequence)
     tokens = _num_valid(ds, per_sequence=per_sequence)
     capacity = np.ceil(capacity_factor * k * tokens / E)
     dropped = (counts - capacity).clip(min=0).sum("expert")
@@ -295,7 +307,7 @@ def drop_rate(ds: xr.Dataset, capacity_factor: float = 1.25, batch: str = "seque
     return rate
 
 
-def load_entropy(ds: xr.Dataset, first_choice_only: bool = False) -> xr.DataArray:
+def load_entropy(ds: xr.Dataset, choice: Choice = "all", first_choice_only: bool | None = None) -> xr.DataArray:
     """Normalised entropy of the aggregate hard load, H(Load_l) / ln E, per layer.
 
     The entropy of the aggregate load (distinct from the
@@ -305,7 +317,8 @@ def load_entropy(ds: xr.Dataset, first_choice_only: bool = False) -> xr.DataArra
     Returns:
       float64 (layer,).
     """
-    load = hard_load(ds, first_choice_only)
+    first_choice_only = resolve_choice(choice, first_choice_only) == "first"
+    load = hard_load(ds, _choice(first_choice_only))
     plogp = load * np.log(load.where(load > 0, 1.0))  # 0 log 0 = 0; NaN (no tokens) stays NaN
     entropy = (-plogp.sum("expert", skipna=False) / math.log(_num_experts(ds))).transpose("layer")
     entropy.attrs = {

@@ -21,24 +21,21 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 
-from grokscope.analysis.common import valid_tokens
+from grokscope.analysis.common import Choice, resolve_choice, valid_tokens
 
 __all__ = ["group_load", "vocabulary_specialisation", "top_tokens_per_expert", "coactivation",
            "expert_enrichment"]
 
-Choice = Literal["topk", "first"]
 
 
 def _assignments(ds: xr.Dataset, choice: Choice) -> xr.DataArray:
     """(sequence, position, layer, expert) int: how many of the token's chosen slots pick the expert.
 
-    Padding is zero. `choice="topk"` counts every slot, `"first"` only slot 0.
+    Padding is zero. `choice="all"` counts every slot, `"first"` only slot 0.
     """
     index = ds["expert_index"]
     if choice == "first":
         index = index.isel(slot=slice(0, 1))
-    elif choice != "topk":
-        raise ValueError(f"choice must be 'topk' or 'first', got {choice!r}")
     expert = xr.DataArray(np.arange(ds.sizes["expert"], dtype=np.int64), dims="expert")
     hits = (index == expert).sum("slot")
     return hits.where(valid_tokens(ds), 0).astype(np.int64)
@@ -79,7 +76,7 @@ def _safe_divide(num, den):
     return out
 
 
-def group_load(ds: xr.Dataset, by: str = "label", choice: Choice = "topk") -> xr.Dataset:
+def group_load(ds: xr.Dataset, by: str = "label", choice: Choice = "all") -> xr.Dataset:
     """Assignment share of each expert per layer, separately for each group of sequences.
 
     Load_{l,e}(D) = (1/(k N_D)) sum_{t in D} sum_{r=1..k} 1[e_t^(r) = e] (per domain, as in
@@ -91,7 +88,7 @@ def group_load(ds: xr.Dataset, by: str = "label", choice: Choice = "topk") -> xr
     Args:
       ds: a store's Dataset.
       by: a per-sequence column, e.g. "label"; its unique values become the `group` coordinate.
-      choice: "topk" (all slots) or "first" (slot 0 only).
+      choice: "all" (every top-k slot) or "first" (slot 0 only).
 
     Returns:
       Dataset (group, layer, expert) with `count` (assignments), `share` (Load, sums to 1 over
@@ -99,6 +96,7 @@ def group_load(ds: xr.Dataset, by: str = "label", choice: Choice = "topk") -> xr
       Groups without real tokens have NaN shares.
     """
     groups, onehot = _group_matrix(ds, by)
+    choice = resolve_choice(choice)
     counts, ntok = _per_sequence_counts(ds, choice)
     k = _num_slots(ds, choice)
     gcount = np.einsum("sg,sle->gle", onehot, counts)
@@ -236,7 +234,7 @@ def coactivation(ds: xr.Dataset) -> xr.Dataset:
     return out.assign_coords(expert=ds["expert"].values, expert_j=ds["expert"].values)
 
 
-def expert_enrichment(ds: xr.Dataset, by: str = "label", choice: Choice = "topk", n_permutations: int = 1000,
+def expert_enrichment(ds: xr.Dataset, by: str = "label", choice: Choice = "all", n_permutations: int = 1000,
                       seed: int = 0, alternative: Literal["greater", "less", "two-sided"] = "greater") -> xr.Dataset:
     """Enrichment of each expert in each group, with a label-permutation p-value.
 
@@ -254,7 +252,7 @@ def expert_enrichment(ds: xr.Dataset, by: str = "label", choice: Choice = "topk"
     Args:
       ds: a store's Dataset.
       by: a per-sequence column, e.g. "label".
-      choice: "topk" (all slots) or "first" (slot 0 only).
+      choice: "all" (every top-k slot) or "first" (slot 0 only).
       n_permutations: number of label shuffles.
       seed: seed of numpy's default_rng.
       alternative: "greater" (enriched), "less" (depleted) or "two-sided".
@@ -266,6 +264,7 @@ def expert_enrichment(ds: xr.Dataset, by: str = "label", choice: Choice = "topk"
     if alternative not in ("greater", "less", "two-sided"):
         raise ValueError(f"alternative must be 'greater', 'less' or 'two-sided', got {alternative!r}")
     groups, onehot = _group_matrix(ds, by)
+    choice = resolve_choice(choice)
     counts, ntok = _per_sequence_counts(ds, choice)
     k = _num_slots(ds, choice)
     S, L, E = counts.shape

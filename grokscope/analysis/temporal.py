@@ -27,17 +27,11 @@ import math
 import numpy as np
 import xarray as xr
 
-from grokscope.analysis.common import valid_tokens
+from grokscope.analysis.common import Choice, resolve_choice, valid_tokens
 
 __all__ = ["repetition_rate", "random_repetition_baseline", "load_aware_repetition_baseline",
            "shuffle_expected_repetition", "repetition_shuffle_test", "repetition_test"]
 
-_CHOICES = ("first", "any")
-
-
-def _check(choice: str) -> None:
-    if choice not in _CHOICES:
-        raise ValueError(f"choice must be 'first' or 'any' (first or second choice), got {choice!r}")
 
 
 def _index(ds: xr.Dataset, choice: str) -> xr.DataArray:
@@ -51,7 +45,7 @@ def _pairs(ds: xr.Dataset) -> xr.DataArray:
     return valid.isel(position=slice(1, None)).sum(dtype=np.int64)
 
 
-def random_repetition_baseline(num_experts: int, k: int, choice: str = "first") -> float:
+def random_repetition_baseline(num_experts: int, k: int, choice: Choice = "first") -> float:
     """Repetition rate of independent, uniformly random top-k sets.
 
     First choice: P(e_{t+1}^(1) = e_t^(1)) = 1/E. Any slot: the next set avoids the current
@@ -59,17 +53,17 @@ def random_repetition_baseline(num_experts: int, k: int, choice: str = "first") 
     other E-k), so the rate is 1 - C(E-k, k)/C(E, k) (E = 8, k = 2: 13/28). Source:
     Mixtral (arXiv 2401.04088, Table 5).
     """
-    _check(choice)
+    choice = resolve_choice(choice)
     if choice == "first":
         return 1.0 / num_experts
     return 1.0 - math.comb(num_experts - k, k) / math.comb(num_experts, k)
 
 
-def repetition_rate(ds: xr.Dataset, choice: str = "first") -> xr.DataArray:
+def repetition_rate(ds: xr.Dataset, choice: Choice = "first") -> xr.DataArray:
     """Consecutive-token repetition rate per layer (Mixtral arXiv 2401.04088 §5, Table 5).
 
     R1 = share of adjacent valid pairs (t, t+1) of one sequence whose first choices are equal
-    (`choice="first"`); Rk = share whose top-k sets intersect (`choice="any"`, Mixtral's
+    (`choice="first"`); Rk = share whose top-k sets intersect (`choice="all"`, Mixtral's
     "first or second choice" for k = 2). NaN when the store has no adjacent valid pair.
     `attrs["baseline"]` is the random baseline (`random_repetition_baseline`); see
     `load_aware_repetition_baseline` and `repetition_test` for the other nulls.
@@ -78,7 +72,7 @@ def repetition_rate(ds: xr.Dataset, choice: str = "first") -> xr.DataArray:
     Returns:
       float64 (layer,).
     """
-    _check(choice)
+    choice = resolve_choice(choice)
     index = _index(ds, choice).drop_vars("position", errors="ignore")
     here = index.isel(position=slice(0, -1))
     after = index.isel(position=slice(1, None)).rename(slot="slot_next")
@@ -129,7 +123,7 @@ def _set_counts(ds: xr.Dataset, choice: str) -> tuple[xr.DataArray, xr.DataArray
     return counts, xr.DataArray(overlap, dims=("subset", "subset_b"))
 
 
-def load_aware_repetition_baseline(ds: xr.Dataset, choice: str = "first") -> xr.DataArray:
+def load_aware_repetition_baseline(ds: xr.Dataset, choice: Choice = "first") -> xr.DataArray:
     """Repetition rate of two independent draws from the store's own routing distribution.
 
     First choice: Σ_e Load_{l,e}² with the first-choice load (the
@@ -141,7 +135,7 @@ def load_aware_repetition_baseline(ds: xr.Dataset, choice: str = "first") -> xr.
     Returns:
       float64 (layer,).
     """
-    _check(choice)
+    choice = resolve_choice(choice)
     counts, overlap = _set_counts(ds, choice)
     total = counts.sum("sequence")
     n = total.sum("subset")
@@ -155,7 +149,7 @@ def load_aware_repetition_baseline(ds: xr.Dataset, choice: str = "first") -> xr.
     return baseline
 
 
-def shuffle_expected_repetition(ds: xr.Dataset, choice: str = "first") -> xr.DataArray:
+def shuffle_expected_repetition(ds: xr.Dataset, choice: Choice = "first") -> xr.DataArray:
     """Exact expected repetition rate when positions are permuted uniformly within each sequence.
 
     For a sequence of n valid tokens with c_A tokens routed to set A, a random permutation makes
@@ -167,7 +161,7 @@ def shuffle_expected_repetition(ds: xr.Dataset, choice: str = "first") -> xr.Dat
     Returns:
       float64 (layer,).
     """
-    _check(choice)
+    choice = resolve_choice(choice)
     counts, overlap = _set_counts(ds, choice)
     counts = counts.astype(np.float64)
     n = counts.sum("subset")
@@ -200,7 +194,7 @@ def _block_matches(index: np.ndarray, lengths: np.ndarray, generators, n_permuta
     return matches
 
 
-def repetition_shuffle_test(ds: xr.Dataset, choice: str = "first", n_permutations: int = 200,
+def repetition_shuffle_test(ds: xr.Dataset, choice: Choice = "first", n_permutations: int = 200,
                             seed: int | np.random.Generator = 0, alternative: str = "two-sided",
                             sequences_per_block: int = 64) -> xr.Dataset:
     """Permutation test of the repetition rate against a within-sequence shuffle, per layer.
@@ -218,7 +212,7 @@ def repetition_shuffle_test(ds: xr.Dataset, choice: str = "first", n_permutation
     Returns:
       Dataset (layer,) with `observed`, `shuffle_mean`, `shuffle_std`, `p_value`.
     """
-    _check(choice)
+    choice = resolve_choice(choice)
     if alternative not in ("two-sided", "greater", "less"):
         raise ValueError(f"alternative must be 'two-sided', 'greater' or 'less', got {alternative!r}")
     if n_permutations < 1:
@@ -268,7 +262,7 @@ def repetition_shuffle_test(ds: xr.Dataset, choice: str = "first", n_permutation
     return out
 
 
-def repetition_test(ds: xr.Dataset, choice: str = "first", n_permutations: int = 200,
+def repetition_test(ds: xr.Dataset, choice: Choice = "first", n_permutations: int = 200,
                     seed: int | np.random.Generator = 0, alternative: str = "two-sided") -> xr.Dataset:
     """The repetition rate per layer next to all its nulls (one Dataset, computed).
 
