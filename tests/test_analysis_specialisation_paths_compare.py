@@ -329,6 +329,11 @@ def test_routing_agreement_matches_loops():
     assert float(out["flip_rate"].max()) > 0  # the perturbation did flip something
     margin = flip_margin(ds_a)
     assert bool(margin.isel(sequence=0).isnull().all())  # the empty sequence is all padding
+    from grokscope.analysis.shape import router_margins
+
+    # k = 2: the flip margin is router_margins' margin_23 (one definition, two views)
+    xr.testing.assert_allclose(margin.reset_coords(drop=True),
+                               router_margins(ds_a)["margin_23"].reset_coords(drop=True).astype(margin.dtype))
 
 
 def test_compare_rejects_different_prompts():

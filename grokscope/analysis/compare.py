@@ -17,6 +17,7 @@ import numpy as np
 import xarray as xr
 
 from grokscope.analysis.common import router_probs, valid_tokens
+from grokscope.analysis.shape import top_probs
 
 __all__ = ["flip_margin", "routing_agreement", "DEFAULT_MARGIN_BINS"]
 
@@ -26,17 +27,14 @@ DEFAULT_MARGIN_BINS = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 1.0)
 def flip_margin(ds: xr.Dataset) -> xr.DataArray:
     """(sequence, position, layer) the flip margin p^(k) - p^(k+1) of softmax(router_logits).
 
-    For Grok-1 (k = 2) this is delta23 = p^(2) - p^(3), the gap
-    between the last chosen and the first unchosen expert. NaN at padding.
+    For Grok-1 (k = 2) this is delta23 = p^(2) - p^(3), the gap between the last chosen and
+    the first unchosen expert: `router_margins(ds)["margin_23"]`. NaN at padding.
     """
     k = ds.sizes["slot"]
     E = ds.sizes["expert"]
     if E <= k:
         raise ValueError(f"the flip margin needs more experts ({E}) than slots ({k})")
-    probs = router_probs(ds)
-    ranked = xr.apply_ufunc(lambda x: -np.sort(-x, axis=-1), probs, input_core_dims=[["expert"]],
-                            output_core_dims=[["rank"]], dask="parallelized", output_dtypes=[probs.dtype],
-                            dask_gufunc_kwargs={"output_sizes": {"rank": E}, "allow_rechunk": True})
+    ranked = top_probs(router_probs(ds), k + 1)  # the same sorted probabilities as router_margins
     margin = ranked.isel(rank=k - 1) - ranked.isel(rank=k)
     return margin.where(valid_tokens(ds)).transpose("sequence", "position", "layer")
 

@@ -100,17 +100,17 @@ def topk_gate_mass(ds: xr.Dataset) -> xr.DataArray:
     return mass
 
 
-def _top3(probs: xr.DataArray) -> xr.DataArray:
-    """The three largest values over `expert`, descending, along a new `rank` dim."""
+def top_probs(probs: xr.DataArray, n: int) -> xr.DataArray:
+    """The `n` largest values over `expert`, descending, along a new `rank` dim (0 = largest)."""
     if probs.chunks is not None:
         probs = probs.chunk({"expert": -1})
 
     def top(x):
-        return -np.sort(-x, axis=-1)[..., :3]
+        return -np.sort(-x, axis=-1)[..., :n]
 
     return xr.apply_ufunc(top, probs, input_core_dims=[["expert"]], output_core_dims=[["rank"]],
                           dask="parallelized", output_dtypes=[probs.dtype],
-                          dask_gufunc_kwargs={"output_sizes": {"rank": 3}})
+                          dask_gufunc_kwargs={"output_sizes": {"rank": n}})
 
 
 def router_margins(ds: xr.Dataset) -> xr.Dataset:
@@ -129,7 +129,7 @@ def router_margins(ds: xr.Dataset) -> xr.Dataset:
 
     if ds.sizes["expert"] < 3:
         raise ValueError("margins need at least 3 experts")
-    top = _top3(router_probs(ds))
+    top = top_probs(router_probs(ds), 3)
     valid = valid_tokens(ds)
     out = {}
     for name, (a, b), what in (("margin_12", (0, 1), "decision margin p1 - p2"),
