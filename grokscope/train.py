@@ -373,160 +373,20 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _fmt(x: float, digits: int = 4) -> str:
-    return f"{x:.{digits}f}"
-
-
 def _card(m: dict) -> str:
-    """The model card, from the metrics dict alone."""
-    c, s, r = m["config"], m["settings"], m["routing_int8_heldout"]
-    counts, data, ev = m["parameters"], m["data"], m["eval"]
-    lines = [
-        "# grok-tiny",
-        "",
-        "A small model with Grok-1's architecture, trained from scratch on CPU with grokscope's own",
-        "model code, so that routing analysis has something real to find. Its weights are stored",
-        "exactly as the Grok-1 release stores its own (`ckpt-0/tensorNNNNN_000` pickles, int8",
-        "`QuantizedWeight8bit` where the release has them) and load with `grokscope.load_params`.",
-        "",
-        "Every number below was written by `grokscope/train.py` at the end of the run that",
-        "produced these weights (also in `metrics.json`).",
-        "",
-        "## Files",
-        "",
-        "| file | what |",
-        "| --- | --- |",
-        "| `ckpt-0/` | the weights, in the release's layout (load with `grokscope.load_params(dir, config)`) |",
-        "| `config.json` | flat `ModelConfig` fields (`grokscope.load_config(path)`) |",
-        "| `tokenizer.model` | SentencePiece BPE, 4,096 pieces, byte fallback; [PAD]=0 [BOS]=1 [EOS]=2 [UNK]=3 |",
-        "| `examples.jsonl` | labelled prompts from the held-out split: `{text, label: code/prose, source}` |",
-        "| `corpus.json` | every training/held-out document: name, split, size, sha256, license, source |",
-        "| `metrics.json` | everything measured by the run |",
-        "",
-        "## Model",
-        "",
-        "| field | value |",
-        "| --- | --- |",
-    ]
-    lines += [f"| `{k}` | {v} |" for k, v in c.items()]
-    lines += [
-        "",
-        f"Expert hidden width (`ffn_size`): {m['ffn_size']}. Parameters: **{counts['total']:,}** in total, "
-        f"**{counts['active_per_token']:,}** active per token (all but the experts, plus "
-        f"{c['num_selected_experts']} of {c['num_experts']} experts per layer); the tied embedding is "
-        f"{counts['embedding']:,} of them.",
-        "",
-        "## Data",
-        "",
-        "Built offline by `grokscope/corpus.py` from files every CPython 3.11 install on Debian 12 has:",
-        "",
-        "- **code**: the standard library's `.py` files (no test suites, `site-packages`, generated codec",
-        "  tables, `_sysconfigdata`, files over 200 kB, nor the directories Debian packages separately:",
-        "  `idlelib`, `tkinter`, `turtledemo`, `lib2to3`, `distutils`, `ensurepip`). License: PSF-2.0.",
-        "- **prose**: the Python reference manual's topics from `pydoc_data/topics.py` (one document per",
-        "  topic; PSF-2.0) and Debian's `/usr/share/common-licenses/*` license texts (symlinks skipped;",
-        "  verbatim copying permitted by each text; training split only, since several are near-copies).",
-        "",
-        f"Split: {data['heldout_rule']}. Source: Python {data['python']} at `{data['stdlib']}`; corpus "
-        f"sha256 `{data['corpus_sha256'][:16]}…` (names and content hashes, `corpus.json`).",
-        "",
-        "| domain / split | documents | characters | tokens (with BOS/EOS) |",
-        "| --- | --- | --- | --- |",
-    ]
-    for key, v in data["summary"].items():
-        lines.append(f"| {key} | {v['documents']:,} | {v['chars']:,} | {data['tokens'][key]:,} |")
-    lines += [
-        "",
-        "The tokenizer was trained by the same run on training-split lines (all prose, plus code",
-        "files in name-hash order up to twice the prose characters).",
-        "",
-        "## Training",
-        "",
-        "```",
-        m["command"],
-        "```",
-        "",
-        f"Seed {s['seed']}; {s['steps']} steps of {s['batch']} windows x {s['seq_len']} tokens "
-        f"({s['prose_rows']} prose + {s['batch'] - s['prose_rows']} code windows per batch, sampled "
-        f"uniformly from each domain's concatenated training documents), "
-        f"{m['train']['tokens_seen']:,} tokens seen. AdamW (b1 0.9, b2 0.95, weight decay "
-        f"{s['weight_decay']} on weight matrices except the embedding), clip {s['clip_norm']}, "
-        f"peak learning rate {s['peak_lr']} after {min(s['warmup_steps'], s['steps'] // 2)} warmup steps "
-        f"(linear from 0), cosine decay over the {s['steps']} steps to "
-        f"{s['end_lr_fraction']:g} x peak.",
-        "",
-        f"Loss = cross-entropy (pads excluded) + per layer {m['balance_coef']:g} x Switch load-balancing "
-        f"loss (E x sum_e f_e P_e, top-k assignment shares f, mean router probabilities P) + "
-        f"{m['z_loss_coef']:g} x router z-loss (mean logsumexp(router_logits)^2).",
-        "",
-        f"Wall time: {m['train']['wall_s'] / 60:.1f} min of training ({m['train']['step_s']:.2f} s/step "
-        f"after compilation, periodic held-out probes included) on {m['machine']}; "
-        f"{m['total_wall_s'] / 60:.1f} min for the whole command.",
-        "",
-        "## Results (nats/token)",
-        "",
-        f"Held-out evaluation: windows of {s['seq_len']} tokens cut from each held-out document "
-        f"(starting with BOS), up to {s['eval_tokens']:,} tokens per domain; every non-pad next token "
-        "is scored. \"Both domains\" pools all those tokens; \"train sample\" is scored the same way on the "
-        f"first {s['eval_tokens'] // 4:,} tokens per domain of the training documents (in name order).",
-        "",
-        "| model | held-out, both domains | held-out code | held-out prose | train sample |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for name, key in (("int8 (as shipped, via `load_params`)", "int8"), ("float32 (before quantisation)", "float"),
-                      ("unigram (train-split counts, add-0.5)", "unigram")):
-        e = ev[key]
-        lines.append(f"| {name} | **{_fmt(e['all'])}** | {_fmt(e['code'])} | {_fmt(e['prose'])} | "
-                     f"{_fmt(e['train'])} |")
-    lines += [
-        "",
-        f"- The int8 model's held-out loss is {100 * (1 - ev['int8']['all'] / ev['unigram']['all']):.1f}% "
-        f"below the unigram model's (code {100 * (1 - ev['int8']['code'] / ev['unigram']['code']):.1f}%, "
-        f"prose {100 * (1 - ev['int8']['prose'] / ev['unigram']['prose']):.1f}%).",
-        f"- int8 relative to float32: {100 * (ev['int8']['all'] / ev['float']['all'] - 1):+.4f}% held-out loss "
-        "(criterion: within 2%).",
-        f"- Mean training cross-entropy over the last {m['train']['final_window']} steps: "
-        f"{_fmt(m['train']['final_ce'])}.",
-        "",
-        "## Routing on held-out text (int8 model)",
-        "",
-        f"{r['tokens']['code']:,} code and {r['tokens']['prose']:,} prose input tokens (pads excluded). "
-        "Load = share of the layer's top-2 assignments (uniform 0.125). Entropy = mean over tokens of "
-        "the router distribution's entropy / ln 8 (1 = uniform). Code/prose ratio = an expert's load "
-        "within code windows over its load within prose windows. Top-1 disagreement = over token ids "
-        f"that occur at least {r['min_count']} times in each domain ({r['top1_domain_disagreement_ids']} "
-        "ids), the fraction whose most frequent top-1 expert differs between their "
-        "code and prose occurrences; the shuffled column is the same with the windows' domain labels "
-        "randomly permuted (chance level). Fold = max(ratio, 1/ratio) for the expert with the largest one.",
-        "",
-        "| layer | min load | max load | entropy | most domain-specific expert (its load in code, prose) | "
-        "code/prose ratio | fold | top-1 disagreement | shuffled |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for layer in range(c["num_layers"]):
-        ms = r["most_specialised"][layer]
-        lines.append(
-            f"| {layer} | {_fmt(r['load_min'][layer], 3)} | {_fmt(r['load_max'][layer], 3)} | "
-            f"{_fmt(r['entropy'][layer], 3)} | {ms['expert']} ({_fmt(ms['code_share'], 3)} code, "
-            f"{_fmt(ms['prose_share'], 3)} prose) | {ms['ratio_code_over_prose']:.2f} | {ms['fold']:.2f} | "
-            f"{_fmt(r['top1_domain_disagreement'][layer], 3)} | "
-            f"{_fmt(r['top1_domain_disagreement_shuffled'][layer], 3)} |")
-    lines += [
-        "",
-        "Per-expert loads, by domain, are in `metrics.json` (`routing_int8_heldout`).",
-        "",
-        "## Environment",
-        "",
-        ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
-        "",
-        "## License",
-        "",
-        "The training text's licenses are listed under Data. `examples.jsonl` quotes held-out text of",
-        "the Python standard library and documentation verbatim, under the PSF License Agreement",
-        "(PSF-2.0): Copyright © 2001 Python Software Foundation; All Rights Reserved.",
-        "",
-    ]
-    return "\n".join(lines)
+    """The model card, from the metrics dict alone (`grokscope/templates/model_card.md.j2`)."""
+    import jinja2
+
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("grokscope", "templates"),
+                                     autoescape=False, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    ev = m["eval"]
+    return environment.get_template("model_card.md.j2").render(
+        config=m["config"], s=m["settings"], r=m["routing_int8_heldout"], counts=m["parameters"], data=m["data"],
+        ev=ev, train=m["train"], ffn_size=m["ffn_size"], command=m["command"], balance_coef=m["balance_coef"],
+        z_loss_coef=m["z_loss_coef"], machine=m["machine"], total_wall_s=m["total_wall_s"],
+        versions=", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        results=[("int8 (as shipped, via `load_params`)", ev["int8"]), ("float32 (before quantisation)", ev["float"]),
+                 ("unigram (train-split counts, add-0.5)", ev["unigram"])])
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TrainSettings]:

@@ -103,3 +103,15 @@ def test_routing_is_neither_collapsed_nor_domain_blind(bundle, example_eval):
     assert max(summary["max_fold"]) >= 2.0, f"largest code/prose share fold per layer: {summary['max_fold']}"
     entropy = np.asarray(summary["entropy"])
     assert np.all(entropy < 0.99), f"router entropy / ln E per layer: {entropy}"
+
+
+def test_the_model_card_renders_from_the_shipped_metrics():
+    """The card template reproduces the shipped card's text from metrics.json."""
+    from grokscope.train import _card
+
+    metrics = json.loads((ASSET_DIR / "metrics.json").read_text())
+    card = _card(metrics)
+    shipped = (ASSET_DIR / "README.md").read_text()
+    assert shipped.startswith(card)
+    assert f"**{metrics['parameters']['total']:,}** in total" in card
+    assert card.count("\n| ") > 20  # the tables were filled in
