@@ -33,7 +33,7 @@ METRICS = {
     "routing_agreement (self)": "A.routing_agreement(ds, ds)",
     "transition_information 0->1": "A.transition_information(ds, 0, 1)",
     "path_statistics layers 0-3": "A.path_statistics(ds, layers=[0, 1, 2, 3])",
-    "vocabulary_specialisation": "A.vocabulary_specialisation(ds)",
+    "vocabulary_specialization": "A.vocabulary_specialization(ds)",
     "expert_enrichment (50 perm.)": "A.expert_enrichment(ds, by='label', n_permutations=50)",
     "repetition_shuffle_test (20)": "A.repetition_shuffle_test(ds, n_permutations=20)",
 }

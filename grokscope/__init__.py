@@ -10,7 +10,7 @@ The public API:
   Session                   a loaded model; session.run(text) -> xarray.Dataset
   dump(prompts, out, ...)   prompts -> zarr store (resumable); open_store(path_or_url) -> xarray.Dataset
   verify_store(path_or_url, deep=False)  the problems of a damaged store, each naming its array and chunk
-  interventions             ban / zero / force / swap / renormalise / ablate_head, for forward(..., interventions=)
+  interventions             ban / zero / force / swap / renormalize / ablate_head, for forward(..., interventions=)
   effects(session, prompts, interventions)  per-position change of loss, KL, top-1 and routing
 """
 

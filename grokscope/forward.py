@@ -122,7 +122,7 @@ def forward(params: dict, config: ModelConfig, tokens, record: RecordSpec = Reco
     `compute_dtype` is "float32" (the release's outputs) or "bfloat16" (see
     `grokscope.model.lm.forward_fn`). `moe_dispatch` is "sparse" (default) or "dense", the
     reference formulation (see `grokscope.model.moe`). `interventions`: a sequence of
-    `grokscope.interventions.Intervention` (ban, zero, force, swap, renormalise, ablate_head)
+    `grokscope.interventions.Intervention` (ban, zero, force, swap, renormalize, ablate_head)
     applied inside the forward; logits and records are those of the intervened model.
 
     With a `mesh`, parameters are placed by the release's rules (no copy if `load_params`

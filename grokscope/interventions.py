@@ -5,17 +5,17 @@ Each applies at chosen layers (default every layer) and, optionally, only at cho
 positions (the positions the model sees, 0 = the first token):
 
   ban(e)            expert e is removed before the top-k: tokens that chose it take their next
-                    best expert (gates stay the router's probabilities, not renormalised)
+                    best expert (gates stay the router's probabilities, not renormalized)
   zero(e)           routing unchanged, expert e's contribution dropped (its gate set to 0; the
                     other gate unchanged)
   force(experts)    the tokens are routed to `experts` (one per slot) with the given gates, or
                     with the router's own probabilities of those experts
   swap(a, b)        experts a and b exchange roles: tokens routed to a run b's weights and the
                     other way round, with their gates
-  renormalise()     gates divided by their sum over the k slots (the variant some ports use)
+  renormalize()     gates divided by their sum over the k slots (the variant some ports use)
   ablate_head(h)    attention head h's output is zeroed before the output projection
 
-In a layer they apply in this order: ban (before the top-k), force, swap, zero, renormalise.
+In a layer they apply in this order: ban (before the top-k), force, swap, zero, renormalize.
 The recorded `expert_index`/`expert_gate` are what the model then used; `router_logits` are
 the router's own.
 """
@@ -23,15 +23,16 @@ the router's own.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Intervention", "ban", "zero", "force", "swap", "renormalise", "ablate_head", "for_layer",
+__all__ = ["Intervention", "ban", "zero", "force", "swap", "renormalize", "ablate_head", "for_layer",
            "apply_routing", "ablate_heads", "KINDS"]
 
-KINDS = ("ban", "zero", "force", "swap", "renormalise", "ablate_head")
+KINDS = ("ban", "zero", "force", "swap", "renormalize", "ablate_head")
 
 
 def _ints(value, what: str) -> tuple[int, ...] | None:
@@ -45,7 +46,7 @@ def _ints(value, what: str) -> tuple[int, ...] | None:
 
 @dataclasses.dataclass(frozen=True)
 class Intervention:
-    """One intervention (build it with `ban`, `zero`, `force`, `swap`, `renormalise`,
+    """One intervention (build it with `ban`, `zero`, `force`, `swap`, `renormalize`,
     `ablate_head`). `layers`/`positions` None mean every layer / every position."""
 
     kind: str
@@ -56,6 +57,10 @@ class Intervention:
     head: int | None = None
 
     def __post_init__(self):
+        if self.kind == "renormalise":
+            warnings.warn("Intervention kind 'renormalise' is deprecated: use 'renormalize'", DeprecationWarning,
+                          stacklevel=3)
+            object.__setattr__(self, "kind", "renormalize")
         if self.kind not in KINDS:
             raise ValueError(f"intervention kind: expected one of {KINDS}, got {self.kind!r}")
 
@@ -81,7 +86,7 @@ class Intervention:
                 "zero": f"zero expert {self.experts[0]}" if self.experts else "zero",
                 "force": f"force experts {list(self.experts)}" + (f" gates {list(self.gates)}" if self.gates else ""),
                 "swap": f"swap experts {self.experts[0]} and {self.experts[1]}" if len(self.experts) == 2 else "swap",
-                "renormalise": "renormalise gates", "ablate_head": f"ablate head {self.head}"}[self.kind]
+                "renormalize": "renormalize gates", "ablate_head": f"ablate head {self.head}"}[self.kind]
         where = "every layer" if self.layers is None else f"layer{'s' if len(self.layers) > 1 else ''} " + \
             ",".join(map(str, self.layers))
         at = "" if self.positions is None else " at positions " + ",".join(map(str, self.positions))
@@ -113,8 +118,14 @@ def swap(a: int, b: int, layer: int | Iterable[int] | None = None, positions=Non
     return Intervention("swap", _ints(layer, "layer"), _ints(positions, "positions"), (int(a), int(b)))
 
 
+def renormalize(layer: int | Iterable[int] | None = None, positions=None) -> Intervention:
+    return Intervention("renormalize", _ints(layer, "layer"), _ints(positions, "positions"))
+
+
 def renormalise(layer: int | Iterable[int] | None = None, positions=None) -> Intervention:
-    return Intervention("renormalise", _ints(layer, "layer"), _ints(positions, "positions"))
+    """Deprecated spelling of `renormalize`."""
+    warnings.warn("renormalise is deprecated: use renormalize", DeprecationWarning, stacklevel=2)
+    return renormalize(layer, positions)
 
 
 def ablate_head(head: int, layer: int | Iterable[int] | None = None, positions=None) -> Intervention:
@@ -167,7 +178,7 @@ def apply_routing(probs: jax.Array, positions: jax.Array, k: int, interventions:
             index = jnp.where(where, swapped, index)
         elif iv.kind == "zero":
             gates = jnp.where(where & (index == iv.experts[0]), jnp.zeros_like(gates), gates)
-        elif iv.kind == "renormalise":
+        elif iv.kind == "renormalize":
             total = gates.sum(-1, keepdims=True)
             gates = jnp.where(where, gates / jnp.where(total > 0, total, 1), gates)
     return gates, index

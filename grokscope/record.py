@@ -22,7 +22,7 @@ Quantities (see `QUANTITIES` for dims and dtypes):
   expert_index             top-k experts of softmax(router_logits), largest probability first
                            (ties go to the lower index).
   expert_gate              top-k probabilities of softmax(router_logits) over *all* experts,
-                           not renormalised (this is what multiplies each expert's output).
+                           not renormalized (this is what multiplies each expert's output).
                            Pads are routed too.
   attn_weights             attention probabilities per selected head ("full").
   attn_weights_head_mean   their mean over the selected heads ("head_mean").
@@ -100,7 +100,7 @@ QUANTITIES: dict[str, Quantity] = {
         "top-k experts of softmax(router_logits), largest probability first", "routing", -1),
     "expert_gate": Quantity(
         ("sequence", "position", "layer", "slot"), "float32", "expert gate", "probability",
-        "top-k probabilities of softmax(router_logits) over all experts, not renormalised", "routing"),
+        "top-k probabilities of softmax(router_logits) over all experts, not renormalized", "routing"),
     "attn_weights": Quantity(
         ("sequence", "attn_layer", "head", "query", "key"), "float16", "attention weight", "probability",
         "softmax attention probabilities of each selected head", "attention"),

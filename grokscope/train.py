@@ -1,7 +1,7 @@
 """Trains grok-tiny, the small Grok-architecture model bundled in `grokscope/assets/grok-tiny/`.
 
 Routing analysis on random weights shows nothing; this module trains a small model with the
-project's own forward (`make_forward`, float32) whose experts specialise, and bundles it the
+project's own forward (`make_forward`, float32) whose experts specialize, and bundles it the
 way the real release is laid out (`ckpt-0/` with int8 `QuantizedWeight8bit` weights, written
 by `save_params`), with a config, a SentencePiece tokenizer, held-out example prompts, the
 corpus manifest, measured metrics and a model card.

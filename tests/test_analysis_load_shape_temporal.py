@@ -408,7 +408,7 @@ def test_zarr_store_opened_lazily(tmp_path):
 
 
 def test_earlier_spellings_of_the_choice_still_work_with_a_warning(store):
-    from grokscope.analysis import specialisation
+    from grokscope.analysis import specialization
 
     with pytest.warns(DeprecationWarning, match="first_choice_only= is deprecated"):
         old = load.hard_load(store, first_choice_only=True)
@@ -417,6 +417,6 @@ def test_earlier_spellings_of_the_choice_still_work_with_a_warning(store):
         old = temporal.repetition_rate(store, "any")
     xr.testing.assert_identical(old, temporal.repetition_rate(store, "all"))
     with pytest.warns(DeprecationWarning, match="choice='topk' is deprecated"):
-        specialisation.group_load(store, by="label", choice="topk") if "label" in store else load.hard_load(store, "topk")
+        specialization.group_load(store, by="label", choice="topk") if "label" in store else load.hard_load(store, "topk")
     with pytest.raises(ValueError, match="choice: expected 'first'"):
         load.hard_load(store, choice="second")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from grokscope import TINY, RecordSpec, forward, init_params
-from grokscope.interventions import ablate_head, ban, force, renormalise, swap, zero
+from grokscope.interventions import ablate_head, ban, force, renormalize, swap, zero
 
 SPEC = RecordSpec(residual="all")
 
@@ -110,9 +110,9 @@ def test_force_and_swap_route_where_told(setup):
     np.testing.assert_array_equal(out.record["expert_gate"][:, :, 1], base.record["expert_gate"][:, :, 1])
 
 
-def test_renormalise_and_head_ablation(setup):
+def test_renormalize_and_head_ablation(setup):
     _, _, base = setup
-    out = _run(setup, renormalise())
+    out = _run(setup, renormalize())
     gate = np.asarray(out.record["expert_gate"])
     np.testing.assert_allclose(gate.sum(-1), 1, rtol=1e-6)
     np.testing.assert_allclose(gate[:, :, 0], np.asarray(base.record["expert_gate"])[:, :, 0]
@@ -205,3 +205,17 @@ def test_expert_outputs_in_a_session_dataset(bundled_session):
     assert ds["expert_output"].dims == ("sequence", "position", "expert_layer", "expert", "hidden")
     assert list(ds["expert_layer"].values) == [0, 3] and ds["moe_output"].shape[2] == 2
     assert RecordSpec.parse("routing,expert_outputs:layers=0,3").expert_outputs == (0, 3)
+
+
+def test_the_british_spellings_still_work_with_a_warning():
+    from grokscope import analysis
+    from grokscope.interventions import Intervention, renormalise, renormalize
+
+    with pytest.warns(DeprecationWarning, match="use renormalize"):
+        assert renormalise(layer=1) == renormalize(layer=1)
+    with pytest.warns(DeprecationWarning, match="use 'renormalize'"):
+        assert Intervention("renormalise").kind == "renormalize"
+    ds = analysis.synthetic_store(np.zeros((1, 4, 1, 2), np.int64), [4])
+    with pytest.warns(DeprecationWarning, match="use vocabulary_specialization"):
+        old = analysis.vocabulary_specialisation(ds, min_count=1)
+    assert old.identical(analysis.vocabulary_specialization(ds, min_count=1))

@@ -36,7 +36,7 @@ def test_top_k_keeps_raw_probabilities_and_breaks_ties_to_the_lower_index():
     probs = jnp.array([[0.1, 0.3, 0.3, 0.05, 0.25, 0.0, 0.0, 0.0]])
     gates, index = route(probs, 2)
     np.testing.assert_array_equal(index, [[1, 2]])
-    np.testing.assert_allclose(gates, [[0.3, 0.3]])  # not renormalised to 0.5 each
+    np.testing.assert_allclose(gates, [[0.3, 0.3]])  # not renormalized to 0.5 each
 
 
 def test_multipliers_become_bfloat16_constants():

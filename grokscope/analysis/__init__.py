@@ -7,7 +7,7 @@ or as a variable). Each docstring gives the definition and its source.
   load               hard_load, soft_load, balance_loss, load_cv, max_vio, drop_rate, load_entropy
   shape              router_entropy, mean_router_entropy, topk_gate_mass, router_margins
   temporal           repetition_rate and its random, load-aware and shuffle baselines
-  specialisation     group_load, vocabulary_specialisation, top_tokens_per_expert, coactivation,
+  specialization     group_load, vocabulary_specialization, top_tokens_per_expert, coactivation,
                      expert_enrichment (with a permutation p-value)
   paths              transition_matrix, transition_information, layer_information,
                      path_statistics, top_paths
@@ -21,8 +21,8 @@ from grokscope.analysis.load import (balance_loss, drop_rate, expert_counts, har
 from grokscope.analysis.paths import (layer_information, path_statistics, top_paths, transition_information,
                                       transition_matrix)
 from grokscope.analysis.shape import layer_mean, mean_router_entropy, router_entropy, router_margins, topk_gate_mass
-from grokscope.analysis.specialisation import (coactivation, expert_enrichment, group_load, top_tokens_per_expert,
-                                               vocabulary_specialisation)
+from grokscope.analysis.specialization import (coactivation, expert_enrichment, group_load, top_tokens_per_expert,
+                                               vocabulary_specialisation, vocabulary_specialization)
 from grokscope.analysis.temporal import (load_aware_repetition_baseline, random_repetition_baseline,
                                          repetition_rate, repetition_shuffle_test, repetition_test,
                                          shuffle_expected_repetition)
@@ -34,5 +34,5 @@ __all__ = [
     "path_statistics", "random_repetition_baseline", "repetition_rate", "repetition_shuffle_test",
     "repetition_test", "router_entropy", "router_margins", "router_probs", "routing_agreement",
     "shuffle_expected_repetition", "soft_load", "synthetic_store", "top_paths", "top_tokens_per_expert",
-    "topk_gate_mass", "transition_information", "transition_matrix", "valid_tokens", "vocabulary_specialisation",
+    "topk_gate_mass", "transition_information", "transition_matrix", "valid_tokens", "vocabulary_specialization",
 ]

@@ -2,7 +2,7 @@
 
 Definitions:
   - routing entropy H_t = -Σ_e p_{t,e} ln p_{t,e}, normalised by ln E (standard);
-  - top-k gate mass m_t = Σ_r g_t^(r), Grok-specific: Grok-1 does not renormalise its top-2
+  - top-k gate mass m_t = Σ_r g_t^(r), Grok-specific: Grok-1 does not renormalize its top-2
     gates, so m_t directly scales the MoE output (item 11; Grok-1 reference code, xai-org/grok-1
     `model.py`, as recorded in `grokscope/record.py`);
   - margins δ12 = p^(1) - p^(2) (decision) and δ23 = p^(2) - p^(3) (flip) from the sorted
@@ -78,7 +78,7 @@ def mean_router_entropy(ds: xr.Dataset) -> xr.DataArray:
 
 
 def topk_gate_mass(ds: xr.Dataset) -> xr.DataArray:
-    """Top-k gate mass per token, m_t = Σ_r g_t^(r) (the k recorded gates, not renormalised).
+    """Top-k gate mass per token, m_t = Σ_r g_t^(r) (the k recorded gates, not renormalized).
 
     Grok-1 multiplies each selected expert's output by its softmax probability over all E
     experts, so m_t ∈ [k/E, 1) directly scales the MoE output. Null baseline: k/E (= 0.25
@@ -92,7 +92,7 @@ def topk_gate_mass(ds: xr.Dataset) -> xr.DataArray:
     k, E = int(ds.sizes["slot"]), int(ds.sizes["expert"]) if "expert" in ds.sizes else None
     mass.attrs = {
         "long_name": f"top-{k} gate mass",
-        "description": f"sum of the {k} gates (softmax over all experts, not renormalised)",
+        "description": f"sum of the {k} gates (softmax over all experts, not renormalized)",
     }
     if E is not None:
         mass.attrs["baseline"] = k / E

@@ -8,7 +8,7 @@ import xarray as xr
 
 from grokscope.analysis.load import hard_load, load_cv, load_cv_sampling_baseline
 from grokscope.analysis.shape import mean_router_entropy, layer_mean, topk_gate_mass
-from grokscope.analysis.specialisation import expert_enrichment
+from grokscope.analysis.specialization import expert_enrichment
 from grokscope.analysis.temporal import repetition_test
 
 __all__ = ["summarize", "format_summary", "require_routing"]
@@ -32,7 +32,7 @@ def summarize(ds: xr.Dataset, by: str | None = None, n_permutations: int = 200, 
     """Per layer: load balance, router entropy, gate mass, repetition against its baselines and,
     with `by` (a per-sequence column such as `label`), each group's most enriched expert.
 
-    Returns a computed Dataset along `layer` (and `group` for the specialisation columns).
+    Returns a computed Dataset along `layer` (and `group` for the specialization columns).
     Raises ValueError for a Dataset without routing or without sequences.
     """
     require_routing(ds)

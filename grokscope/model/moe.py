@@ -5,7 +5,7 @@ Algorithm:
      `router_logit_softcap` when the config has one, as Grok-2 does: no cap in Grok-1);
      probs = softmax over *all* experts.
   2. (expert_gate, expert_index) = top_k(probs, k): ties go to the lower index; the gates are
-     the raw probabilities, *not* renormalised.
+     the raw probabilities, *not* renormalized.
   3. each selected expert e computes linear_1[e]( gelu(x @ linear[e]) * (x @ linear_v[e]) ),
      with the config's GELU (tanh approximation in Grok-1); the outputs are weighted by their gates and summed in
      float32, then cast to the activation dtype.

@@ -28,7 +28,7 @@ class SequenceRouting:
       token_ids: [T].
       layers: layer labels, [L].
       expert_index: chosen experts, largest gate first, int [L, T, K].
-      expert_gate: their gates (probabilities, not renormalised), [L, T, K].
+      expert_gate: their gates (probabilities, not renormalized), [L, T, K].
       probs: softmax of the router logits, [L, T, E] (None when router logits were not recorded).
       num_experts: E.
     """
@@ -120,7 +120,7 @@ def attention_matrix(ds: xr.Dataset, sequence: int, layer: int, head: int | None
     layer, for one head or (head=None) the mean of the recorded heads.
 
     From `full` records directly; from `head_mean` (head must be None); from `topk` the
-    matrix holds the recorded k weights per query and zeros elsewhere (not renormalised: the
+    matrix holds the recorded k weights per query and zeros elsewhere (not renormalized: the
     missing mass is what the top-k leaves out).
     """
     opts = attention_options(ds)

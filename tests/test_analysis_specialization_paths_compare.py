@@ -1,4 +1,4 @@
-"""Specialisation, path and comparison metrics against brute-force loops, plus hand-computable cases."""
+"""Specialization, path and comparison metrics against brute-force loops, plus hand-computable cases."""
 
 import itertools
 import math
@@ -12,8 +12,8 @@ from grokscope.analysis.common import synthetic_store
 from grokscope.analysis.compare import flip_margin, routing_agreement
 from grokscope.analysis.paths import (layer_information, path_statistics, top_paths, transition_information,
                                       transition_matrix)
-from grokscope.analysis.specialisation import (coactivation, expert_enrichment, group_load, top_tokens_per_expert,
-                                               vocabulary_specialisation)
+from grokscope.analysis.specialization import (coactivation, expert_enrichment, group_load, top_tokens_per_expert,
+                                               vocabulary_specialization)
 
 E, K = 8, 2
 
@@ -42,7 +42,7 @@ def idx(ds):
     return ds["expert_index"].values.astype(int)
 
 
-# ---------------------------------------------------------------------------------------------- specialisation
+# ---------------------------------------------------------------------------------------------- specialization
 
 
 @pytest.mark.parametrize("choice", ["all", "first"])
@@ -65,7 +65,7 @@ def test_group_load_matches_loops(choice):
             assert out["count"].sel(group=g, layer=layer, expert=e) == c
             np.testing.assert_allclose(out["share"].sel(group=g, layer=layer, expert=e), c / (len(slots) * ntok[g]))
     np.testing.assert_allclose(out["share"].sum("expert"), 1.0)
-    np.testing.assert_allclose(out["domain_specialisation"], len(slots) * out["share"])
+    np.testing.assert_allclose(out["domain_specialization"], len(slots) * out["share"])
 
 
 def _token_table(ds):
@@ -80,9 +80,9 @@ def _token_table(ds):
     return table, n
 
 
-def test_vocabulary_specialisation_matches_loops():
+def test_vocabulary_specialization_matches_loops():
     ds = random_store(2, S=9, P=16)
-    out = vocabulary_specialisation(ds, min_count=5)
+    out = vocabulary_specialization(ds, min_count=5)
     table, n = _token_table(ds)
     kept = sorted(t for t, c in n.items() if c >= 5)
     assert list(out["token"].values) == kept
@@ -182,7 +182,7 @@ def planted_store(labels, planted):
     return synthetic_store(index, lengths, metadata={"label": labels})
 
 
-def test_planted_specialisation_is_significant_and_shuffled_is_not():
+def test_planted_specialization_is_significant_and_shuffled_is_not():
     labels = np.array(["a"] * 10 + ["b"] * 10)
     planted = planted_store(labels, planted=range(10))
     out = expert_enrichment(planted, n_permutations=200, seed=0)
@@ -375,7 +375,7 @@ def garbage_pads(ds, seed):
 
 def all_metrics(ds, other=None):
     return {
-        "group_load": group_load(ds), "vocab": vocabulary_specialisation(ds, min_count=2),
+        "group_load": group_load(ds), "vocab": vocabulary_specialization(ds, min_count=2),
         "top_tokens": top_tokens_per_expert(ds, n=3), "coact": coactivation(ds),
         "enrichment": expert_enrichment(ds, n_permutations=20), "transition": transition_matrix(ds, 0, 3),
         "information": transition_information(ds, 0, 3, n_shuffles=3),
