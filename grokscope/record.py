@@ -119,6 +119,9 @@ QUANTITIES: dict[str, Quantity] = {
     "expert_output": Quantity(
         ("sequence", "position", "expert_layer", "expert", "hidden"), "float32", "expert output", "activation",
         "what every expert outputs for the token (its GeGLU, before the gate), chosen or not", "expert_outputs"),
+    "moe_input": Quantity(
+        ("sequence", "position", "expert_layer", "hidden"), "float32", "MoE input", "activation",
+        "the normalised residual the router and every expert read, rms_norm_2(h)", "expert_outputs"),
     "moe_output": Quantity(
         ("sequence", "position", "expert_layer", "hidden"), "float32", "MoE output", "activation",
         "the gate-weighted sum of the chosen experts' outputs (the MoE block's output, before rms_norm_3)",

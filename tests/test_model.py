@@ -145,3 +145,27 @@ def test_unrecorded_expert_outputs_are_compiled_away(tiny_config, tiny_params):
     extra = 8 * 3 * 2 * 64 * tiny_config.emb_size * tiny_config.ffn_size
     assert every_expert - plain >= 0.9 * extra
     assert abs(routing_only - plain) < 0.01 * extra
+
+
+def test_moe_input_is_what_the_router_and_the_experts_read(tiny_config, tiny_params):
+    """Recomputed in numpy from the recorded `moe_input`: the router logits and one expert's output."""
+    tokens = np.random.default_rng(2).integers(3, tiny_config.vocab_size, (2, 12)).astype(np.int32)
+    out = forward(tiny_params, tiny_config, tokens, record=RecordSpec(expert_outputs=(1,)))
+    x = np.asarray(out.record["moe_input"], np.float64)[:, :, 0]  # [B, T, D]
+    every = np.asarray(out.record["expert_output"], np.float64)[:, :, 0]  # [B, T, E, D]
+    layer = tiny_params["transformer/decoder_layer_1/router"]["w"]
+    np.testing.assert_allclose(x @ np.asarray(layer, np.float64), np.asarray(out.record["router_logits"])[:, :, 1],
+                               rtol=1e-4, atol=1e-4)
+
+    def dense(name, e):
+        q = tiny_params[f"transformer/decoder_layer_1/moe/{name}"]["w"]
+        w, s = np.asarray(q.weight[e], np.float64), np.asarray(q.scales[e], np.float64)  # [in, out], [nb, out]
+        nb = s.shape[0]
+        return (w.reshape(nb, -1, w.shape[-1]) * s[:, None, :]).reshape(w.shape)
+
+    def gelu(v):
+        return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
+
+    e = 3
+    want = (gelu(x @ dense("linear", e)) * (x @ dense("linear_v", e))) @ dense("linear_1", e)
+    np.testing.assert_allclose(every[:, :, e], want, rtol=1e-3, atol=1e-4 * np.abs(want).max())

@@ -33,6 +33,7 @@ class DecoderLayer(hk.Module):
             attn, new_cache = attn
         h = h + RMSNorm(eps, name="rms_norm_1")(attn)
         x = RMSNorm(eps, name="rms_norm_2")(h)
+        probe("moe_input", x)
         router_logits, probs = Router(self.config)(x)
         probe("router_logits", router_logits)
         moe_out = MoELayer(self.config, self.moe_dispatch, self.interventions)(x, probs, positions)
