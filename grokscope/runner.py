@@ -12,7 +12,8 @@ for, so a [B, T, vocab] array crosses to the host only when `"logits"` is asked 
   argmax          [B, T] int32: the most likely next token
   last_logprobs   [B, V] float32: the next-token log-probabilities after position `at[b]`
 
-`compare` runs an intervened model against a baseline computed once (`baseline`), on device:
+`decode` runs the next tokens of sequences held in a key/value cache (`new_cache`), for
+generation. `compare` runs an intervened model against a baseline computed once (`baseline`), on device:
 the per-position change of loss, the KL divergence, and whether the top-1 token and the
 first-choice expert changed.
 
@@ -34,7 +35,8 @@ import numpy as np
 from grokscope.forward import make_forward
 from grokscope.record import RecordSpec
 
-__all__ = ["Model", "OUTPUTS", "bucket_length", "encode", "lone_surrogate", "pad", "run", "run_ids", "Baseline", "baseline", "compare"]
+__all__ = ["Model", "OUTPUTS", "bucket_length", "encode", "lone_surrogate", "pad", "run", "run_ids", "new_cache", "decode",
+           "Baseline", "baseline", "compare"]
 
 OUTPUTS = ("logits", "token_logprob", "argmax", "last_logprobs")
 
@@ -167,6 +169,27 @@ def run_ids(model, ids: Sequence[Sequence[int]], length: int, record: RecordSpec
     tokens = pad(ids, length, rows)
     record_out, outputs = run(model, tokens, record, **kwargs)
     return tokens, record_out, outputs
+
+
+def new_cache(model, batch: int, length: int, compute_dtype: str = "float32") -> dict:
+    """An empty key/value cache for `batch` sequences of up to `length` positions (`decode`)."""
+    from grokscope.forward import init_cache
+
+    return init_cache(model.config, batch, length, compute_dtype)
+
+
+def decode(model, tokens: np.ndarray, start: int, cache: dict, record: RecordSpec = RecordSpec(), *,
+           compute_dtype: str = "float32") -> tuple[jax.Array, dict, dict]:
+    """Runs the next tokens [B, T] of sequences whose first `start` positions are in `cache`
+    (from `new_cache`, then from the previous call). Returns (logits [B, T, V], record, the
+    updated cache); the cache passed in is consumed."""
+    from grokscope.forward import jitted_decoder
+
+    tokens = np.asarray(tokens, np.int32)
+    positions = np.broadcast_to(np.arange(start, start + tokens.shape[1], dtype=np.int32), tokens.shape)
+    step = jitted_decoder(model.config, record, compute_dtype, "sparse")
+    with _on_mesh(model.mesh):
+        return step(model.params, tokens, np.ascontiguousarray(positions), cache)
 
 
 @dataclasses.dataclass(frozen=True)

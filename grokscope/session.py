@@ -7,7 +7,6 @@ config=...)` any checkpoint in the release's layout. `session.run(...)` returns 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -228,8 +227,8 @@ class Session:
         """
         import jax
 
-        from grokscope.forward import init_cache, jitted_decoder
         from grokscope.record import QUANTITIES, to_store_dtypes
+        from grokscope.runner import decode, new_cache
         from grokscope.store import Variable
 
         if max_new_tokens < 1:
@@ -244,15 +243,13 @@ class Session:
         if total > self.config.sequence_len:
             raise ValueError(f"generate: {len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's "
                              f"sequence_len {self.config.sequence_len}")
-        step = jitted_decoder(self.config, record, self.compute_dtype, "sparse")
-        cache = init_cache(self.config, 1, bucket_length(total, self.config.sequence_len), self.compute_dtype)
+        cache = new_cache(self._model, 1, bucket_length(total, self.config.sequence_len), self.compute_dtype)
         rng = np.random.default_rng(seed)
         records, step_logits, new = [], [], []
 
         def run(tokens, start, cache):
-            positions = np.arange(start, start + len(tokens), dtype=np.int32)[None]
-            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-                logits, rec, cache = step(self.params, np.asarray([tokens], np.int32), positions, cache)
+            logits, rec, cache = decode(self._model, np.asarray([tokens], np.int32), start, cache, record,
+                                        compute_dtype=self.compute_dtype)
             records.append(jax.device_get(to_store_dtypes(rec, self.config)))
             return np.asarray(logits[0, -1], np.float32), cache
 
