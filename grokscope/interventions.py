@@ -145,14 +145,17 @@ def _where_positions(iv: Intervention, positions: jax.Array) -> jax.Array:
     return jnp.isin(positions, jnp.asarray(iv.positions, positions.dtype))
 
 
-def apply_routing(probs: jax.Array, positions: jax.Array, k: int, interventions: Sequence[Intervention]
-                  ) -> tuple[jax.Array, jax.Array]:
-    """Top-k routing of `probs` [B, T, E] under the layer's interventions: (gates, index) [B, T, k]."""
+def apply_routing(probs: jax.Array, positions: jax.Array, k: int, interventions: Sequence[Intervention],
+                  banned: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing of `probs` [B, T, E] under the layer's interventions: (gates, index) [B, T, k].
+
+    `banned` [E] bool, a traced array: experts banned at every position of this layer, as
+    `ban` does (one compiled program serves any set of such bans)."""
     E = probs.shape[-1]
     experts = jnp.arange(E)
     bans = [iv for iv in interventions if iv.kind == "ban"]
-    if bans:
-        scores = probs
+    if bans or banned is not None:
+        scores = probs if banned is None else jnp.where(banned[None, None, :], -jnp.inf, probs)
         for iv in bans:
             banned = _where_positions(iv, positions)[..., None] & (experts == iv.experts[0])
             scores = jnp.where(banned, -jnp.inf, scores)

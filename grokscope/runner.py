@@ -218,10 +218,12 @@ def _baseline_program(config, compute_dtype: str):
 
 @functools.lru_cache(maxsize=64)
 def _compare_program(config, compute_dtype: str, interventions: tuple):
+    """The comparison against a baseline; with interventions () the program takes a ban mask
+    [layers, experts] as traced data instead (one program for every whole-layer ban)."""
     apply = make_forward(config, RecordSpec(), compute_dtype, "sparse", interventions)
 
-    def program(params, tokens, positions, base):
-        logits, rec = apply(params, tokens, positions)
+    def program(params, tokens, positions, base, ban_mask=None):
+        logits, rec = apply(params, tokens, positions, ban_mask)
         logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
         logp = base["logp"]
         following = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)[..., None]
@@ -234,6 +236,19 @@ def _compare_program(config, compute_dtype: str, interventions: tuple):
                 "routing_changed": rec["expert_index"][..., 0] != base["first"]}
 
     return jax.jit(program)
+
+
+def _as_ban_mask(interventions: tuple, config) -> np.ndarray | None:
+    """[layers, experts] bool when every intervention bans experts at every position of chosen
+    layers (then one compiled program serves them all); None otherwise."""
+    if not interventions or any(iv.kind != "ban" or iv.positions is not None for iv in interventions):
+        return None
+    mask = np.zeros((config.num_layers, config.num_experts), bool)
+    for iv in interventions:
+        layers = range(config.num_layers) if iv.layers is None else iv.layers
+        for layer in layers:
+            mask[layer, list(iv.experts)] = True
+    return mask
 
 
 def baseline(model, ids: Sequence[Sequence[int]], batch_size: int, compute_dtype: str = "float32") -> Baseline:
@@ -258,7 +273,8 @@ def compare(model, base: Baseline, interventions: Sequence) -> dict[str, np.ndar
     interventions = tuple(interventions)
     for iv in interventions:
         iv.check(model.config)
-    program = _compare_program(model.config, base.compute_dtype, interventions)
+    ban_mask = _as_ban_mask(interventions, model.config)
+    program = _compare_program(model.config, base.compute_dtype, () if ban_mask is not None else interventions)
     parts = []
     for batch in base.batches:
         tokens = batch["tokens"]
@@ -266,7 +282,8 @@ def compare(model, base: Baseline, interventions: Sequence) -> dict[str, np.ndar
         tokens_in, positions_in = _place(model.mesh, tokens, np.ascontiguousarray(positions))
         with _on_mesh(model.mesh):
             device = {k: v for k, v in batch.items() if k != "tokens"}
-            parts.append(jax.device_get(program(model.params, tokens_in, positions_in, device)))
+            extra = () if ban_mask is None else (ban_mask,)
+            parts.append(jax.device_get(program(model.params, tokens_in, positions_in, device, *extra)))
     n, longest = len(base.ids), max(len(i) for i in base.ids)
     out = {}
     for name in parts[0]:

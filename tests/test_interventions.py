@@ -219,3 +219,22 @@ def test_the_british_spellings_still_work_with_a_warning():
     with pytest.warns(DeprecationWarning, match="use vocabulary_specialization"):
         old = analysis.vocabulary_specialisation(ds, min_count=1)
     assert old.identical(analysis.vocabulary_specialization(ds, min_count=1))
+
+
+def test_whole_layer_bans_run_as_data_in_one_program_with_the_same_numbers(bundled_session, monkeypatch):
+    from grokscope import runner
+    from grokscope.interventions import ban as ban_
+
+    model = bundled_session.loaded_model
+    ids = [bundled_session.tokenizer.encode(t) for t in ("def f(x):\n    return x + 1", "The sea was calm.")]
+    base = runner.baseline(model, ids, 2)
+    sets = [[ban_(3, layer=1)], [ban_(5, layer=2), ban_(0, layer=0)], [ban_(6)]]
+    as_data = [runner.compare(model, base, s) for s in sets]
+    program = runner._compare_program(model.config, base.compute_dtype, ())
+    assert program._cache_size() == 1  # every set above ran in one compiled program
+    monkeypatch.setattr(runner, "_as_ban_mask", lambda interventions, config: None)  # the compiled-in bans
+    for s, got in zip(sets, as_data):
+        want = runner.compare(model, base, s)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{s}: {name}")
+    assert as_data[0]["routing_changed"][:, :, 1].any()  # the ban did reroute tokens

@@ -24,8 +24,9 @@ class DecoderLayer(hk.Module):
         self.moe_dispatch = moe_dispatch
         self.interventions = interventions
 
-    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array, cache=None):
-        """h [B, T, D] -> h; with a `cache` (see MultiHeadAttention), (h, (keys, values))."""
+    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array, cache=None, banned=None):
+        """h [B, T, D] -> h; with a `cache` (see MultiHeadAttention), (h, (keys, values)).
+        `banned`: [E] bool, experts banned at this layer (traced)."""
         eps = self.config.norm_eps
         attn = MultiHeadAttention(self.config, self.interventions)(RMSNorm(eps, name="rms_norm")(h), mask, positions,
                                                                     cache)
@@ -36,7 +37,7 @@ class DecoderLayer(hk.Module):
         probe("moe_input", x)
         router_logits, probs = Router(self.config)(x)
         probe("router_logits", router_logits)
-        moe_out = MoELayer(self.config, self.moe_dispatch, self.interventions)(x, probs, positions)
+        moe_out = MoELayer(self.config, self.moe_dispatch, self.interventions)(x, probs, positions, banned)
         h = h + RMSNorm(eps, name="rms_norm_3")(moe_out)
         probe("residual", h)
         return (h, new_cache) if cache is not None else h
@@ -52,17 +53,19 @@ class Transformer(hk.Module):
         self.moe_dispatch = moe_dispatch
         self.interventions = interventions
 
-    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array, cache=None):
-        """h -> h; with `cache` = (keys [L, B, S, G, K], values, start), (h, (keys, values))."""
+    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array, cache=None, ban_mask=None):
+        """h -> h; with `cache` = (keys [L, B, S, G, K], values, start), (h, (keys, values)).
+        `ban_mask`: [L, E] bool, experts banned at each layer (traced; None: none)."""
         keys, values = [], []
         for i in range(self.config.num_layers):
             h = constrain(h, "data", None, None)  # [B, T, D]: batch split, width replicated
             layer = DecoderLayer(self.config, name=f"decoder_layer_{i}", moe_dispatch=self.moe_dispatch,
                                  interventions=for_layer(self.interventions, i))
+            banned = None if ban_mask is None else ban_mask[i]
             if cache is None:
-                h = layer(h, mask, positions)
+                h = layer(h, mask, positions, banned=banned)
             else:
-                h, (k, v) = layer(h, mask, positions, (cache[0][i], cache[1][i], cache[2]))
+                h, (k, v) = layer(h, mask, positions, (cache[0][i], cache[1][i], cache[2]), banned)
                 keys.append(k)
                 values.append(v)
         h = constrain(h, "data", None, None)

@@ -54,7 +54,8 @@ class LanguageModel(hk.Module):
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, transformer: Transformer, cache=None):
+    def __call__(self, tokens: jax.Array, positions: jax.Array, transformer: Transformer, cache=None,
+                 ban_mask=None):
         c = self.config
         embed = InOutEmbed(c)
         h = embed.embed(tokens).astype(self.compute_dtype)  # [B, T, D]
@@ -64,14 +65,15 @@ class LanguageModel(hk.Module):
             valid = tokens > c.pad_token  # [B, S]
             causal = jnp.tril(jnp.ones((T, T), dtype=bool))  # [T, S]
             mask = causal[None, :, :] & valid[:, None, :]  # [B, T, S]
-            h = transformer(h, mask, positions)
+            h = transformer(h, mask, positions, ban_mask=ban_mask)
         else:
             # The new tokens sit at cache rows length.. ; each attends to every valid row up to its own.
             start = cache["length"]
             valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], tokens > c.pad_token, start, axis=1)
             rows = jnp.arange(valid.shape[1])
             mask = (rows[None, None, :] <= (start + jnp.arange(T))[None, :, None]) & valid[:, None, :]
-            h, (keys, values) = transformer(h, mask, positions, (cache["keys"], cache["values"], start))
+            h, (keys, values) = transformer(h, mask, positions, (cache["keys"], cache["values"], start),
+                                            ban_mask)
             cache = {"keys": keys, "values": values, "valid": valid, "length": start + T}
         h = RMSNorm(c.norm_eps, name="rms_norm")(h)
         logits = embed.decode(h) * as_activation_constant(c.output_multiplier_scale)
@@ -83,7 +85,7 @@ class LanguageModel(hk.Module):
 
 def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | None = None,
                compute_dtype: str = "float32", moe_dispatch: str = "sparse", interventions: tuple = (),
-               cache: dict | None = None):
+               cache: dict | None = None, ban_mask: jax.Array | None = None):
     """The haiku function to transform: tokens [B, T] int -> logits [B, T, V] float32.
 
     `transformer` is built outside `language_model`, so its parameters live at
@@ -106,10 +108,13 @@ def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | No
 
     With a key/value `cache` (`grokscope.forward.init_cache`), `tokens` are the next tokens of
     the cached sequence; returns (logits, updated cache).
+
+    `ban_mask` [num_layers, num_experts] bool bans experts at every position of a layer, as
+    `ban` interventions do, but as traced data: one compiled program serves every such ban.
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     transformer = Transformer(config, moe_dispatch=moe_dispatch, interventions=tuple(interventions))
-    return LanguageModel(config, compute_dtype)(tokens, positions, transformer, cache)
+    return LanguageModel(config, compute_dtype)(tokens, positions, transformer, cache, ban_mask)

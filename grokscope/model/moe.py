@@ -174,15 +174,17 @@ class MoELayer(hk.Module):
         self.dispatch = resolve_dispatch(dispatch)
         self.interventions = tuple(iv for iv in interventions if iv.kind != "ablate_head")
 
-    def __call__(self, x: jax.Array, probs: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, probs: jax.Array, positions: jax.Array | None = None,
+                 banned: jax.Array | None = None) -> jax.Array:
         """x: [B, T, D] normalised input; probs: [B, T, E] router probabilities; positions
-        [B, T] (where interventions apply)."""
+        [B, T] (where interventions apply); banned: [E] bool, experts banned at this layer
+        (traced, see `grokscope.interventions.apply_routing`)."""
         c = self.config
         E, D, F = c.num_experts, c.emb_size, c.ffn_size
-        if self.interventions:
+        if self.interventions or banned is not None:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-            gates, index = apply_routing(probs, positions, c.num_selected_experts, self.interventions)
+            gates, index = apply_routing(probs, positions, c.num_selected_experts, self.interventions, banned)
         else:
             gates, index = route(probs, c.num_selected_experts)  # [B, T, k]
         probe("expert_index", index)
