@@ -12,7 +12,10 @@ Dims:
   head            query head, 0..num_q_heads-1 (kv group = head // (num_q_heads / num_kv_heads));
                   the recorded subset (coordinate: true head numbers)
   query, key      the two positions of an attention map
-  rank            top-k rank of an attention row, 0 = the key with the largest weight
+  rank            place in a list sorted largest first, 0 = the largest: here the keys of an
+                  attention row by weight (the analysis uses the same word for the same idea:
+                  paths and tokens by count, router probabilities by size); the router's
+                  own top-k order has its own name, `slot`
   residual_layer  the recorded subset of layers for the residual stream (coordinate: true numbers)
   expert_layer    the recorded subset of layers for expert outputs (coordinate: true numbers)
   hidden          the residual stream's width (emb_size)
@@ -30,6 +33,11 @@ Quantities (see `QUANTITIES` for dims and dtypes):
                            weights ("topk"; sparse, scales to long contexts); index -1 where a
                            query has fewer than k keys it may attend to.
   residual                 the residual stream after the decoder layer.
+  expert_output            what every expert would output for the token (its GeGLU, before the
+                           gate), chosen or not.
+  moe_input                rms_norm_2(h): what the router and every expert read.
+  moe_output               the gate-weighted sum of the chosen experts' outputs.
+  (`RecordSpec.expert_outputs` names the layers of this family of three.)
 
 Modules offer quantities with `probe(name, value)`; a `RecordSpec` decides, at trace time,
 which are kept and in which form (`record_filter`), so an unselected quantity is never
