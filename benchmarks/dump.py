@@ -78,9 +78,10 @@ def main() -> None:
     import jax
 
     from grokscope import AttentionSpec, RecordSpec, dump
-    from grokscope.dump import encode_prompts, read_prompts, run_batch
-    from grokscope.forward import jitted_forward
-    from grokscope.session import bucket_length, default_model_dir, load_model
+    from grokscope.dump import encode_prompts, read_prompts
+    from grokscope.record import to_store_dtypes
+    from grokscope.runner import bucket_length, pad, run, run_ids
+    from grokscope.session import default_model_dir, load_model
 
     work = Path(tempfile.mkdtemp(prefix="grokscope-bench-dump-"))
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_model_dir()
@@ -99,12 +100,8 @@ def main() -> None:
         t0 = time.perf_counter()
         for batch in batches:
             length = bucket_length(max(len(i) for i in batch), args.max_len)
-            tokens = np.zeros((B, length), np.int32)
-            for r, seq in enumerate(batch):
-                tokens[r, :len(seq)] = seq
-            positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-            logits, _ = jitted_forward(model.config, RecordSpec(routing=False), "float32")(model.params, tokens, positions)
-            logits.block_until_ready()
+            _, outputs = run(model, pad(batch, length, B), RecordSpec(routing=False), outputs=("logits",))
+            outputs["logits"].block_until_ready()
         return time.perf_counter() - t0
 
     specs = {"routing": RecordSpec(),
@@ -140,7 +137,8 @@ def main() -> None:
     for row0 in range(0, len(ids), B):
         batch = ids[row0:row0 + B]
         length = bucket_length(max(len(i) for i in batch), args.max_len)
-        tokens, outputs = run_batch(model, spec, batch, length, "float32", B)
+        tokens, outputs, _ = run_ids(model, batch, length, spec, B)
+        outputs = to_store_dtypes(outputs, model.config)
         lengths = np.array([len(i) for i in batch] + [0] * (B - len(batch)), np.int32)
         recorded.append((row0, len(batch), {"tokens": tokens, "length": lengths,
                                             **{k: np.asarray(v) for k, v in outputs.items()}}))

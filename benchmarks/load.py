@@ -39,7 +39,7 @@ import jax
 jax.devices()
 from grokscope import load_params, ModelConfig
 from grokscope.checkpoint import read_tensor, tensor_path, check_tensor
-from grokscope.forward import param_shapes
+from grokscope.layout import param_shapes
 config = ModelConfig.from_dict(json.loads(sys.argv[3]))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t0, c0 = time.perf_counter(), time.process_time()
@@ -80,7 +80,7 @@ def write_synthetic(config, directory: Path) -> None:
     import numpy as np
 
     from grokscope import save_params
-    from grokscope.forward import is_quantizable, param_shapes, release_scale_blocks
+    from grokscope.layout import is_quantizable, param_shapes, release_scale_blocks
     from grokscope.quant import QuantizedWeight8bit
 
     rng = np.random.default_rng(0)
