@@ -26,7 +26,7 @@ _EXPORTS = {
     "CheckpointError": "checkpoint", "load_params": "checkpoint", "save_params": "checkpoint",
     "GROK_1": "config", "GROK_TINY": "config", "PRESETS": "config", "SMALL": "config", "TINY": "config",
     "ModelConfig": "config", "load_config": "config",
-    "ForwardOutput": "forward", "forward": "forward", "init_params": "forward", "make_forward": "forward",
+    "ForwardOutput": "runner", "forward": "runner", "init_params": "forward", "make_forward": "forward",
     "param_shapes": "layout",
     "QuantizedWeight8bit": "quant",
     "DumpError": "dump", "dump": "dump",
@@ -45,7 +45,7 @@ class _Package(types.ModuleType):
     replace each of them by its module of the same name."""
 
     def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+        if isinstance(value, types.ModuleType) and name in _EXPORTS:
             return
         super().__setattr__(name, value)
 

@@ -75,7 +75,8 @@ def cmd_demo(args) -> int:
 
     from grokscope.checkpoint import load_params, save_params
     from grokscope.config import load_config
-    from grokscope.forward import forward, init_params
+    from grokscope.forward import init_params
+    from grokscope.runner import forward
     from grokscope.sharding import make_mesh
 
     config = load_config(args.preset)

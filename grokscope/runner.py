@@ -17,7 +17,8 @@ generation. `compare` runs an intervened model against a baseline computed once 
 the per-position change of loss, the KL divergence, and whether the top-1 token and the
 first-choice expert changed.
 
-A model here is anything with `config`, `params` and `mesh`: a `Model`, or the
+`forward(params, config, tokens, ...)` is the public entry for arbitrary token arrays (and
+positions). A model here is anything with `config`, `params` and `mesh`: a `Model`, or the
 `grokscope.session.LoadedModel` a Session holds.
 """
 
@@ -31,11 +32,14 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from grokscope.config import ModelConfig
 from grokscope.forward import make_forward
 from grokscope.record import RecordSpec
+from grokscope.sharding import shard_params
 
-__all__ = ["Model", "OUTPUTS", "bucket_length", "encode", "lone_surrogate", "pad", "run", "run_ids", "new_cache", "decode",
+__all__ = ["forward", "ForwardOutput", "Model", "OUTPUTS", "bucket_length", "encode", "lone_surrogate", "pad", "run", "run_ids", "new_cache", "decode",
            "Baseline", "baseline", "compare"]
 
 OUTPUTS = ("logits", "token_logprob", "argmax", "last_logprobs")
@@ -139,8 +143,8 @@ def _place(mesh, *arrays):
 
 def run(model, tokens: np.ndarray, record: RecordSpec = RecordSpec(), *, compute_dtype: str = "float32",
         interventions: Sequence = (), outputs: Sequence[str] = (), at: np.ndarray | None = None,
-        dispatch: str = "sparse") -> tuple[dict, dict]:
-    """Runs `model` on padded `tokens` [B, T] (positions 0..T-1).
+        dispatch: str = "sparse", positions: np.ndarray | None = None) -> tuple[dict, dict]:
+    """Runs `model` on padded `tokens` [B, T] (`positions` default 0..T-1 in every row).
 
     Returns (record, outputs): the recorded quantities and the asked-for reductions of the
     logits (see the module docstring), all device arrays, split over the mesh's `data` axis.
@@ -152,7 +156,9 @@ def run(model, tokens: np.ndarray, record: RecordSpec = RecordSpec(), *, compute
     if unknown:
         raise ValueError(f"outputs: expected some of {OUTPUTS}, got {unknown}")
     tokens = np.asarray(tokens, np.int32)
-    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    if positions is None:
+        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    positions = np.asarray(positions, np.int32)
     at = np.full(tokens.shape[0], tokens.shape[1] - 1, np.int32) if at is None else np.asarray(at, np.int32)
     interventions = tuple(interventions)
     for iv in interventions:
@@ -296,3 +302,50 @@ def compare(model, base: Baseline, interventions: Sequence) -> dict[str, np.ndar
             rows.append(value)
         out[name] = np.concatenate(rows)[:n]
     return out
+
+
+class ForwardOutput(NamedTuple):
+    """Logits [B, T, V] float32 and the record dict (see `grokscope.record`)."""
+
+    logits: jax.Array
+    record: dict[str, jax.Array]
+
+
+def forward(params: dict, config: ModelConfig, tokens, record: RecordSpec = RecordSpec(),
+            mesh: Mesh | None = None, positions=None, compute_dtype: str = "float32",
+            moe_dispatch: str = "sparse", interventions=()) -> ForwardOutput:
+    """Runs the model on `tokens` (int [batch, seq]) and returns logits and records.
+
+    Any batch size works. `positions` (int [batch, seq]) defaults to 0..seq-1 per row.
+    `compute_dtype` is "float32" (the release's outputs) or "bfloat16" (see
+    `grokscope.model.lm.forward_fn`). `moe_dispatch` is "sparse" (default) or "dense", the
+    reference formulation (see `grokscope.model.moe`). `interventions`: a sequence of
+    `grokscope.interventions.Intervention` (ban, zero, force, swap, renormalize, ablate_head)
+    applied inside the forward; logits and records are those of the intervened model.
+
+    With a `mesh`, parameters are placed by the release's rules (no copy if `load_params`
+    already placed them there) and the batch is split over `data` when it divides.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"forward: tokens must be an int array [batch, seq], got {tokens.dtype}{list(tokens.shape)}")
+    if 0 in tokens.shape:
+        raise ValueError(f"forward: tokens must hold at least one sequence of at least one token, "
+                         f"got shape {list(tokens.shape)}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
+        raise ValueError(f"forward: token ids must lie in [0, {config.vocab_size}), "
+                         f"got [{tokens.min()}, {tokens.max()}]")
+    tokens = tokens.astype(np.int32)
+    if positions is None:
+        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    positions = np.asarray(positions)
+    if positions.shape != tokens.shape or not np.issubdtype(positions.dtype, np.integer):
+        raise ValueError(f"forward: positions must be an int array shaped like tokens {list(tokens.shape)}, "
+                         f"got {positions.dtype}{list(positions.shape)}")
+    positions = positions.astype(np.int32)
+    if mesh is not None:
+        params = shard_params(params, mesh)
+    record_out, outputs = run(Model(config, params, mesh), tokens, record, compute_dtype=compute_dtype,
+                              interventions=interventions, outputs=("logits",), dispatch=moe_dispatch,
+                              positions=positions)
+    return ForwardOutput(outputs["logits"], record_out)
