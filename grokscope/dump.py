@@ -21,7 +21,6 @@ import datetime
 import errno
 import hashlib
 import json
-import math
 import os
 import shutil
 import stat
@@ -37,9 +36,10 @@ import zarr
 
 from grokscope._version import __version__
 from grokscope.record import QUANTITIES, RecordSpec, to_store_dtypes
-from grokscope.runner import encode, lone_surrogate, run_ids
+from grokscope.runner import encode, run_ids
 from grokscope.sharding import batch_sharding
-from grokscope.store import RESERVED_NAMES, StoreWriter, column_dtype, create, layout
+from grokscope.store import (StoreWriter, column_dtype, create, layout, metadata_column_problem,
+                             metadata_name_problem, metadata_value_problem)
 
 try:
     import fcntl
@@ -75,55 +75,6 @@ def read_prompts(path: str | Path) -> tuple[list[Prompt], int]:
     """
     prompts, blank, _ = _read_prompt_file(path)
     return prompts, blank
-
-
-# Dimension names of a store: a metadata array of one of these names would clash with the dimension.
-_DIMENSIONS = frozenset({"sequence", "position", "vocab"} | {d for q in QUANTITIES.values() for d in q.dims})
-_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
-_FLOAT64_EXACT_INT = 2**53
-_RESERVED_FOLDED = frozenset(n.casefold() for n in RESERVED_NAMES | _DIMENSIONS | {"zarr.json"})
-
-
-def _field_name_problem(name: str, seen: dict[str, str]) -> str | None:
-    """Why `name` cannot be a metadata array of the store (None: it can). `seen` maps the
-    casefolded names already accepted to their spelling."""
-    if name == "":
-        return "an empty name"
-    surrogate = lone_surrogate(name)
-    if surrogate:
-        return f"not valid Unicode ({surrogate})"
-    if name.casefold() in _RESERVED_FOLDED:
-        return "reserved by the store (its own arrays, dimensions and metadata use it)"
-    if "/" in name or "\\" in name:
-        return "contains a path separator ('/' or '\\')"
-    if name.startswith("."):
-        return "starts with '.'"
-    if name.startswith("__"):
-        return "starts with '__' (reserved by zarr)"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return "contains a control character"
-    if len(name.encode("utf-8")) > 255:
-        return "longer than 255 bytes (a file name)"
-    other = seen.get(name.casefold())
-    if other is not None and other != name:
-        return f"differs from field {other!r} only in case (one directory on a case-insensitive filesystem)"
-    return None
-
-
-def _value_problem(value) -> str | None:
-    """Why the store cannot hold this metadata value exactly (None: it can)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        if not _INT64_MIN <= value <= _INT64_MAX:
-            return f"{value} does not fit in a 64-bit integer (expected -2**63 .. 2**63-1)"
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{value} is not a finite number"
-    if isinstance(value, str):
-        surrogate = lone_surrogate(value)
-        return f"not valid Unicode ({surrogate})" if surrogate else None
-    return f"expected a string, number or boolean, got {type(value).__name__}"
 
 
 def _read_prompt_file(path: str | Path) -> tuple[list[Prompt], int, str]:
@@ -167,12 +118,12 @@ def _read_prompt_file(path: str | Path) -> tuple[list[Prompt], int, str]:
             raise DumpError(f'{path}:{number}: expected an object with a string "text" field')
         for key, value in record.items():
             if key != "text" and key not in accepted:
-                problem = _field_name_problem(key, names)
+                problem = metadata_name_problem(key, names)
                 if problem:
                     raise DumpError(f"{path}:{number}: field name {key!r}: {problem}; rename the field")
                 names[key.casefold()] = key
                 accepted.add(key)
-            problem = _value_problem(value)
+            problem = metadata_value_problem(value)
             if problem:
                 raise DumpError(f"{path}:{number}: field {key!r}: {problem}")
         metadata = {k: v for k, v in record.items() if k != "text"}
@@ -185,12 +136,9 @@ def _read_prompt_file(path: str | Path) -> tuple[list[Prompt], int, str]:
         if missing:
             raise DumpError(f"{path}:{p.line}: missing metadata fields {missing} that other lines have")
     for key in sorted(fields):
-        if column_dtype([p.metadata[key] for p in prompts]) == np.float64:
-            for p in prompts:
-                value = p.metadata[key]
-                if isinstance(value, int) and abs(value) > _FLOAT64_EXACT_INT:
-                    raise DumpError(f"{path}:{p.line}: field {key!r}: the integer {value} cannot be stored exactly "
-                                    f"in this field's float64 column (other lines hold fractional numbers)")
+        problem = metadata_column_problem([p.metadata[key] for p in prompts])
+        if problem:
+            raise DumpError(f"{path}:{prompts[problem[0]].line}: field {key!r}: {problem[1]}")
     return prompts, blank, hashlib.sha256(data).hexdigest()
 
 

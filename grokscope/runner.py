@@ -38,8 +38,9 @@ from grokscope.config import ModelConfig
 from grokscope.forward import make_forward
 from grokscope.record import RecordSpec
 from grokscope.sharding import shard_params
+from grokscope.tokenizer import lone_surrogate
 
-__all__ = ["forward", "ForwardOutput", "Model", "OUTPUTS", "bucket_length", "encode", "lone_surrogate", "pad", "run", "run_ids", "new_cache", "decode",
+__all__ = ["forward", "ForwardOutput", "Model", "OUTPUTS", "bucket_length", "encode", "pad", "run", "run_ids", "new_cache", "decode",
            "Baseline", "baseline", "compare"]
 
 OUTPUTS = ("logits", "token_logprob", "argmax", "last_logprobs")
@@ -81,15 +82,6 @@ def encode(tokenizer, texts: Sequence[str], max_len: int, truncate: str | None, 
             ids = ids[-max_len:] if truncate == "left" else ids[:max_len]
         out.append(ids)
     return out
-
-
-def lone_surrogate(text: str) -> str | None:
-    """A description of the first lone surrogate in `text` (not encodable as UTF-8), or None."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start}"
-    return None
 
 
 def pad(ids: Sequence[Sequence[int]], length: int, rows: int | None = None) -> np.ndarray:

@@ -280,24 +280,28 @@ class Session:
 
 
 def _check_metadata(metadata: dict | None, n: int) -> None:
-    """Raises ValueError unless `metadata` maps safe names to one str/number/bool per prompt."""
-    from grokscope.store import RESERVED_NAMES
+    """Raises ValueError unless `metadata` maps names a store can hold to one value per prompt
+    that it can hold exactly (the rules of a dump's prompt file, `grokscope.store`)."""
+    from grokscope.store import metadata_column_problem, metadata_name_problem, metadata_value_problem
 
+    seen: dict[str, str] = {}
     for name, values in (metadata or {}).items():
-        if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name \
-                or name in RESERVED_NAMES or name == "generated":
-            raise ValueError(f"Session.run: metadata name {name!r} is not allowed (empty, reserved by the store, "
-                             f"or not a plain name)")
+        problem = "reserved for generated tokens" if name == "generated" else \
+            metadata_name_problem(name, seen) if isinstance(name, str) else "not a string"
+        if problem:
+            raise ValueError(f"Session.run: metadata name {name!r}: {problem}")
+        seen[name.casefold()] = name
         if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
             raise ValueError(f"Session.run: metadata[{name!r}]: expected one value per prompt ({n}), "
                              f"got {type(values).__name__}")
         if len(values) != n:
             raise ValueError(f"Session.run: metadata[{name!r}]: expected {n} values (one per prompt), "
                              f"got {len(values)}")
-        bad = [v for v in values if not isinstance(v, (str, int, float, bool, np.integer, np.floating, np.bool_))]
-        if bad:
-            raise ValueError(f"Session.run: metadata[{name!r}]: values must be strings, numbers or booleans, "
-                             f"got {type(bad[0]).__name__}")
+        values = [value.item() if isinstance(value, np.generic) else value for value in values]
+        problem = next(filter(None, map(metadata_value_problem, values)), None)
+        column = metadata_column_problem(values)
+        if problem or column:
+            raise ValueError(f"Session.run: metadata[{name!r}]: {problem or column[1]}")
 
 
 def _choose(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:

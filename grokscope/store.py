@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import queue
 import threading
 from typing import Any, Mapping, Sequence
@@ -34,9 +35,11 @@ import numpy as np
 import zarr
 
 from grokscope.record import LAYER_DIMS, QUANTITIES, RecordSpec, dim_coords, dim_sizes, store_dtype
+from grokscope.tokenizer import lone_surrogate
 
 __all__ = ["Variable", "layout", "record_bytes_per_token", "create", "row_blocks", "write_batch", "StoreWriter", "open_store", "token_pieces", "dataset_from_arrays", "describe", "column_dtype", "mask_padding",
-           "StoreError", "RESERVED_NAMES", "SCHEMA_VERSION", "StoreCheck", "check_store", "verify_store"]
+           "StoreError", "RESERVED_NAMES", "metadata_name_problem", "metadata_value_problem",
+           "metadata_column_problem", "SCHEMA_VERSION", "StoreCheck", "check_store", "verify_store"]
 
 _TARGET_CHUNK_BYTES = 8 * 1024**2
 # Blosc LZ4 with byte shuffle: compresses activations about as well as zarr's default zstd
@@ -50,6 +53,66 @@ SCHEMA_VERSION = 1
 # every dim that has a coordinate array.
 RESERVED_NAMES = frozenset({"tokens", "length", "prompt", "done", "vocab_piece", "layer", "expert", "slot",
                             "head", *LAYER_DIMS, *QUANTITIES})
+
+
+# Dimension names of a store: a metadata array of one of these names would clash with the dimension.
+_DIMENSIONS = frozenset({"sequence", "position", "vocab"} | {d for q in QUANTITIES.values() for d in q.dims})
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
+_FLOAT64_EXACT_INT = 2**53
+_RESERVED_FOLDED = frozenset(n.casefold() for n in RESERVED_NAMES | _DIMENSIONS | {"zarr.json"})
+
+
+def metadata_name_problem(name: str, seen: dict[str, str]) -> str | None:
+    """Why `name` cannot be a metadata array of the store (None: it can). `seen` maps the
+    casefolded names already accepted to their spelling."""
+    if name == "":
+        return "an empty name"
+    surrogate = lone_surrogate(name)
+    if surrogate:
+        return f"not valid Unicode ({surrogate})"
+    if name.casefold() in _RESERVED_FOLDED:
+        return "reserved by the store (its own arrays, dimensions and metadata use it)"
+    if "/" in name or "\\" in name:
+        return "contains a path separator ('/' or '\\')"
+    if name.startswith("."):
+        return "starts with '.'"
+    if name.startswith("__"):
+        return "starts with '__' (reserved by zarr)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character"
+    if len(name.encode("utf-8")) > 255:
+        return "longer than 255 bytes (a file name)"
+    other = seen.get(name.casefold())
+    if other is not None and other != name:
+        return f"differs from field {other!r} only in case (one directory on a case-insensitive filesystem)"
+    return None
+
+
+def metadata_value_problem(value) -> str | None:
+    """Why the store cannot hold this metadata value exactly (None: it can)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            return f"{value} does not fit in a 64-bit integer (expected -2**63 .. 2**63-1)"
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{value} is not a finite number"
+    if isinstance(value, str):
+        surrogate = lone_surrogate(value)
+        return f"not valid Unicode ({surrogate})" if surrogate else None
+    return f"expected a string, number or boolean, got {type(value).__name__}"
+
+
+def metadata_column_problem(values: Sequence[Any]) -> tuple[int, str] | None:
+    """(index, why) of the first value a metadata column cannot hold exactly as a whole (an
+    integer beyond 2**53 in a column that `column_dtype` makes float64); None: it can."""
+    if column_dtype(values) == np.float64:
+        for i, value in enumerate(values):
+            if isinstance(value, int) and abs(value) > _FLOAT64_EXACT_INT:
+                return i, (f"the integer {value} cannot be stored exactly in this field's float64 column "
+                           f"(other values are fractional numbers)")
+    return None
 
 
 class StoreError(ValueError):

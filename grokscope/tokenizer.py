@@ -8,7 +8,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-__all__ = ["Tokenizer", "TokenizerError", "display_piece"]
+__all__ = ["Tokenizer", "TokenizerError", "display_piece", "lone_surrogate"]
 
 _VISIBLE = {" ": "·", "\u2581": "·", "\n": "↵", "\t": "→", "\r": "␍"}
 
@@ -91,3 +91,12 @@ class Tokenizer:
 
     def identity(self) -> dict:
         return {"path": str(self.path.resolve()), "sha256": self.sha256, "vocab_size": self.vocab_size}
+
+
+def lone_surrogate(text: str) -> str | None:
+    """A description of the first lone surrogate in `text` (not encodable as UTF-8), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start}"
+    return None

@@ -32,10 +32,18 @@ def test_run_refuses_metadata_of_the_wrong_length(session):
         session.run(["a b", "c d"], metadata={"label": "xy"})
 
 
-@pytest.mark.parametrize("name", ["", "a/b", ".hidden", "tokens", "expert_index"])
+@pytest.mark.parametrize("name", ["", "a/b", ".hidden", "tokens", "expert_index", "zarr.json", "Label2", "generated"])
 def test_run_refuses_metadata_names_the_store_cannot_hold(session, name):
+    metadata = {"label2": ["y"], name: ["x"]} if name == "Label2" else {name: ["x"]}  # case-only clash
     with pytest.raises(ValueError, match="metadata name"):
-        session.run(["a b"], metadata={name: ["x"]})
+        session.run(["a b"], metadata=metadata)
+
+
+def test_run_refuses_values_the_store_cannot_hold_exactly(session):
+    with pytest.raises(ValueError, match="cannot be stored exactly in this field's float64 column"):
+        session.run(["a b", "c d"], metadata={"n": [2**53 + 1, 0.5]})
+    with pytest.raises(ValueError, match="is not a finite number"):
+        session.run(["a b"], metadata={"n": [float("nan")]})
 
 
 def test_run_keeps_metadata_of_the_right_length(session):
