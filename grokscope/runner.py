@@ -92,6 +92,16 @@ def pad(ids: Sequence[Sequence[int]], length: int, rows: int | None = None) -> n
     return tokens
 
 
+def _positions(shape: tuple[int, int], start: int = 0) -> np.ndarray:
+    """int32 [B, T]: positions start..start+T-1 in every row."""
+    return np.ascontiguousarray(np.broadcast_to(np.arange(start, start + shape[1], dtype=np.int32), shape))
+
+
+def _next_tokens(tokens: jax.Array) -> jax.Array:
+    """[B, T]: the token after each position (the last position repeats its own)."""
+    return jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+
+
 def _reductions(logits: jax.Array, tokens: jax.Array, at: jax.Array, outputs: tuple[str, ...]) -> dict:
     out = {}
     if "logits" in outputs:
@@ -100,8 +110,7 @@ def _reductions(logits: jax.Array, tokens: jax.Array, at: jax.Array, outputs: tu
         out["argmax"] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if "token_logprob" in outputs:
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
-        following = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)  # [B, T]
-        picked = jnp.take_along_axis(logp, following[..., None], axis=-1)[..., 0]
+        picked = jnp.take_along_axis(logp, _next_tokens(tokens)[..., None], axis=-1)[..., 0]
         out["token_logprob"] = picked.at[:, -1].set(0.0)
     if "last_logprobs" in outputs:
         rows = jnp.take_along_axis(logits, at[:, None, None], axis=1)[:, 0]  # [B, V]
@@ -148,15 +157,13 @@ def run(model, tokens: np.ndarray, record: RecordSpec = RecordSpec(), *, compute
     if unknown:
         raise ValueError(f"outputs: expected some of {OUTPUTS}, got {unknown}")
     tokens = np.asarray(tokens, np.int32)
-    if positions is None:
-        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-    positions = np.asarray(positions, np.int32)
+    positions = _positions(tokens.shape) if positions is None else np.ascontiguousarray(positions, np.int32)
     at = np.full(tokens.shape[0], tokens.shape[1] - 1, np.int32) if at is None else np.asarray(at, np.int32)
     interventions = tuple(interventions)
     for iv in interventions:
         iv.check(model.config)
     program = _program(model.config, record, compute_dtype, dispatch, interventions, outputs)
-    tokens_in, positions_in, at_in = _place(model.mesh, tokens, np.ascontiguousarray(positions), at)
+    tokens_in, positions_in, at_in = _place(model.mesh, tokens, positions, at)
     with _on_mesh(model.mesh):
         return program(model.params, tokens_in, positions_in, at_in)
 
@@ -184,10 +191,9 @@ def decode(model, tokens: np.ndarray, start: int, cache: dict, record: RecordSpe
     from grokscope.forward import jitted_decoder
 
     tokens = np.asarray(tokens, np.int32)
-    positions = np.broadcast_to(np.arange(start, start + tokens.shape[1], dtype=np.int32), tokens.shape)
     step = jitted_decoder(model.config, record, compute_dtype, "sparse")
     with _on_mesh(model.mesh):
-        return step(model.params, tokens, np.ascontiguousarray(positions), cache)
+        return step(model.params, tokens, _positions(tokens.shape, start), cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +230,7 @@ def _compare_program(config, compute_dtype: str, interventions: tuple):
         logits, rec = apply(params, tokens, positions, ban_mask)
         logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
         logp = base["logp"]
-        following = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)[..., None]
+        following = _next_tokens(tokens)[..., None]
         delta = (jnp.take_along_axis(logp, following, -1) - jnp.take_along_axis(logq, following, -1))[..., 0]
         # float32 on the device: accurate to ~1e-7 nats; rounding can make a vanishing KL
         # slightly negative, so it is clipped at 0 (KL >= 0).
@@ -256,8 +262,7 @@ def baseline(model, ids: Sequence[Sequence[int]], batch_size: int, compute_dtype
     for row0 in range(0, len(ids), batch_size):
         chunk = ids[row0:row0 + batch_size]
         tokens = pad(chunk, bucket_length(max(len(i) for i in chunk), model.config.sequence_len), batch_size)
-        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-        tokens_in, positions_in = _place(model.mesh, tokens, np.ascontiguousarray(positions))
+        tokens_in, positions_in = _place(model.mesh, tokens, _positions(tokens.shape))
         with _on_mesh(model.mesh):
             batches.append({"tokens": tokens, **program(model.params, tokens_in, positions_in)})
     return Baseline(tuple(tuple(i) for i in ids), batch_size, compute_dtype, tuple(batches))
@@ -276,8 +281,7 @@ def compare(model, base: Baseline, interventions: Sequence) -> dict[str, np.ndar
     parts = []
     for batch in base.batches:
         tokens = batch["tokens"]
-        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-        tokens_in, positions_in = _place(model.mesh, tokens, np.ascontiguousarray(positions))
+        tokens_in, positions_in = _place(model.mesh, tokens, _positions(tokens.shape))
         with _on_mesh(model.mesh):
             device = {k: v for k, v in batch.items() if k != "tokens"}
             extra = () if ban_mask is None else (ban_mask,)
@@ -329,7 +333,7 @@ def forward(params: dict, config: ModelConfig, tokens, record: RecordSpec = Reco
                          f"got [{tokens.min()}, {tokens.max()}]")
     tokens = tokens.astype(np.int32)
     if positions is None:
-        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+        positions = _positions(tokens.shape)
     positions = np.asarray(positions)
     if positions.shape != tokens.shape or not np.issubdtype(positions.dtype, np.integer):
         raise ValueError(f"forward: positions must be an int array shaped like tokens {list(tokens.shape)}, "
