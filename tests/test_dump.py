@@ -14,31 +14,14 @@ import zarr
 from grokscope import AttentionSpec, DumpError, RecordSpec, dump, open_store
 from grokscope.cli import main
 
-WORDS = "the of and to in is was for on that with as by at from his an were are which this be".split()
+from dumps import WORDS, assert_same_arrays, prompts_file, store_arrays  # noqa: E402 (tests/dumps.py)
 
-
-def _prompts(path, n, seed=0):
-    rng = np.random.default_rng(seed)
-    lines = []
-    for i in range(n):
-        text = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 20))))
-        lines.append(json.dumps({"text": text, "label": ["a", "b"][i % 2], "i": i}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _store_arrays(path):
-    group = zarr.open_group(str(path), mode="r")
-    return {name: group[name][...] for name in group.array_keys()}, dict(group.attrs)
 
 
 def _assert_same_store(a, b):
-    arrays_a, attrs_a = _store_arrays(a)
-    arrays_b, attrs_b = _store_arrays(b)
-    assert arrays_a.keys() == arrays_b.keys()
-    for name in arrays_a:
-        assert arrays_a[name].dtype == arrays_b[name].dtype, name
-        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+    arrays_a, attrs_a = store_arrays(a)
+    arrays_b, attrs_b = store_arrays(b)
+    assert_same_arrays(arrays_a, arrays_b)
     volatile = {"created", "finished"}
     assert {k: v for k, v in attrs_a.items() if k not in volatile} == \
         {k: v for k, v in attrs_b.items() if k not in volatile}
@@ -55,7 +38,7 @@ def _cli(args, **kw):
 
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_to_the_identical_store(tmp_path, tiny_model_dir):
-    prompts = _prompts(tmp_path / "p.jsonl", 600)
+    prompts = prompts_file(tmp_path / "p.jsonl", 600)
     common = ["--prompts", str(prompts), "--checkpoint", str(tiny_model_dir), "--record", RECORD,
               "--batch-size", "2", "--max-len", "128"]
     reference = tmp_path / "reference.zarr"
@@ -97,7 +80,7 @@ def test_sigkill_mid_run_resumes_to_the_identical_store(tmp_path, tiny_model_dir
 def test_failed_write_leaves_the_store_resumable(tmp_path, tiny_model_dir, monkeypatch):
     import grokscope.store as store
 
-    prompts = _prompts(tmp_path / "p.jsonl", 12)
+    prompts = prompts_file(tmp_path / "p.jsonl", 12)
     kwargs = dict(checkpoint=tiny_model_dir, batch_size=2, max_len=128, progress=False)
     dump(prompts, tmp_path / "reference.zarr", **kwargs)
 
@@ -120,24 +103,24 @@ def test_failed_write_leaves_the_store_resumable(tmp_path, tiny_model_dir, monke
 
 
 def test_a_store_of_another_dump_is_refused(tmp_path, tiny_model_dir):
-    prompts = _prompts(tmp_path / "p.jsonl", 4)
+    prompts = prompts_file(tmp_path / "p.jsonl", 4)
     kwargs = dict(checkpoint=tiny_model_dir, batch_size=2, max_len=128, progress=False)
     dump(prompts, tmp_path / "s.zarr", **kwargs)
-    before = _store_arrays(tmp_path / "s.zarr")
+    before = store_arrays(tmp_path / "s.zarr")
     with pytest.raises(DumpError, match=r"different dump; not resuming: record_spec: store has .*'attention': None"):
         dump(prompts, tmp_path / "s.zarr", record=RecordSpec(attention=AttentionSpec()), **kwargs)
     with pytest.raises(DumpError, match="batch_size: store has 2, this run has 4"):
         dump(prompts, tmp_path / "s.zarr", **{**kwargs, "batch_size": 4})
-    _prompts(prompts, 4, seed=1)
+    prompts_file(prompts, 4, seed=1)
     with pytest.raises(DumpError, match="prompts file's contents differ"):
         dump(prompts, tmp_path / "s.zarr", **kwargs)
-    after = _store_arrays(tmp_path / "s.zarr")
+    after = store_arrays(tmp_path / "s.zarr")
     for name in before[0]:
         np.testing.assert_array_equal(before[0][name], after[0][name])
 
 
 def test_output_path_that_is_not_a_store(tmp_path, tiny_model_dir):
-    prompts = _prompts(tmp_path / "p.jsonl", 2)
+    prompts = prompts_file(tmp_path / "p.jsonl", 2)
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(DumpError, match="exists and is not a zarr store"):
         dump(prompts, tmp_path / "notes.txt", checkpoint=tiny_model_dir, progress=False)
@@ -195,7 +178,7 @@ def test_too_long_prompts_error_or_truncate(tmp_path, tiny_model_dir):
 
 
 def test_cli_dump_end_to_end(tmp_path, tiny_model_dir, capsys):
-    prompts = _prompts(tmp_path / "p.jsonl", 5)
+    prompts = prompts_file(tmp_path / "p.jsonl", 5)
     out = tmp_path / "s.zarr"
     rc = main(["dump", "--prompts", str(prompts), "--out", str(out), "--checkpoint", str(tiny_model_dir),
                "--record", "routing,residual:layers=0,1", "--batch-size", "2", "--max-len", "128", "--mesh", "2x4"])
@@ -215,7 +198,7 @@ def test_cli_dump_end_to_end(tmp_path, tiny_model_dir, capsys):
 def test_a_dump_on_a_mesh_writes_every_row(tmp_path, tiny_model_dir):
     from grokscope import make_mesh
 
-    prompts = _prompts(tmp_path / "p.jsonl", 7)
+    prompts = prompts_file(tmp_path / "p.jsonl", 7)
     kwargs = dict(checkpoint=tiny_model_dir, batch_size=4, max_len=128, progress=False,
                   record=RecordSpec(attention=AttentionSpec(format="topk", k=3)))
     dump(prompts, tmp_path / "one.zarr", **kwargs)
@@ -229,7 +212,7 @@ def test_a_dump_on_a_mesh_writes_every_row(tmp_path, tiny_model_dir):
 
 
 def test_a_run_killed_while_creating_the_store_leaves_nothing_half_made(tmp_path, tiny_model_dir):
-    prompts = _prompts(tmp_path / "p.jsonl", 3)
+    prompts = prompts_file(tmp_path / "p.jsonl", 3)
     # what a run killed while creating leaves: its staging directory, marked, its lock released
     staging = tmp_path / ".s.zarr.creating-999999-0123456789ab"
     (staging / "store").mkdir(parents=True)

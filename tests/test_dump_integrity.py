@@ -20,31 +20,15 @@ import zarr
 from grokscope import DumpError, dump, open_store
 from grokscope.cli import main
 
+from dumps import assert_same_arrays, prompts_file, store_arrays  # noqa: E402 (tests/dumps.py)
+
 dump_module = importlib.import_module("grokscope.dump")  # the module (grokscope.dump is the function)
 
-WORDS = "the of and to in is was for on that with as by at from his an were are which this be".split()
 ROUTER = "transformer/decoder_layer_1/router/w"
 
 
 def _prompts(path, n, seed=0):
-    rng = np.random.default_rng(seed)
-    lines = [json.dumps({"text": " ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))),
-                         "label": ["a", "b"][i % 2], "i": i}) for i in range(n)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _snapshot(path):
-    """Every array's values and the root attributes of the store at `path`."""
-    group = zarr.open_group(str(path), mode="r")
-    return {name: group[name][...] for name in group.array_keys()}, dict(group.attrs)
-
-
-def _assert_same_arrays(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    return prompts_file(path, n, seed, max_words=12)
 
 
 def _leftovers(directory):
@@ -115,7 +99,7 @@ def test_resume_with_other_weights_is_refused_naming_the_tensor(tmp_path, model_
     out = tmp_path / "s.zarr"
     dump(prompts, out, **kwargs)
     _interrupt(out, slice(2, 6))
-    before = _snapshot(out)
+    before = store_arrays(out)
     original = model_copy.with_name("original")
     shutil.copytree(model_copy, original)
     cheap = checkpoint_identity(model_copy)
@@ -127,8 +111,8 @@ def test_resume_with_other_weights_is_refused_naming_the_tensor(tmp_path, model_
     rc = main(["dump", "--prompts", str(prompts), "--out", str(out), "--checkpoint", str(model_copy),
                "--batch-size", "2", "--max-len", "64", "--quiet"])
     assert rc == 1 and f"tensor {ROUTER} differs" in _error_line(capsys)
-    after = _snapshot(out)
-    _assert_same_arrays(before[0], after[0])
+    after = store_arrays(out)
+    assert_same_arrays(before[0], after[0])
     assert before[1] == after[1]
 
     # the weights it was written with resume it to the uninterrupted store
@@ -136,7 +120,7 @@ def test_resume_with_other_weights_is_refused_naming_the_tensor(tmp_path, model_
     shutil.copytree(original, model_copy)
     summary = dump(prompts, out, **kwargs)
     assert summary.sequences_written == 4
-    _assert_same_arrays(_snapshot(reference)[0], _snapshot(out)[0])
+    assert_same_arrays(store_arrays(reference)[0], store_arrays(out)[0])
 
 
 def test_a_store_without_recorded_contents_resumes_only_when_complete(tmp_path, model_copy):
@@ -149,11 +133,11 @@ def test_a_store_without_recorded_contents_resumes_only_when_complete(tmp_path, 
     assert "checkpoint_content" not in zarr.open_group(str(out), mode="r").attrs
     assert dump(prompts, out, **kwargs).sequences_written == 0  # complete: nothing to write, nothing to check
     _interrupt(out, slice(2, 4))
-    before = _snapshot(out)
+    before = store_arrays(out)
     with pytest.raises(DumpError, match="does not record the contents of the checkpoint.*untouched"):
         dump(prompts, out, **kwargs)
-    after = _snapshot(out)
-    _assert_same_arrays(before[0], after[0])
+    after = store_arrays(out)
+    assert_same_arrays(before[0], after[0])
     assert before[1] == after[1]
 
 
@@ -200,7 +184,7 @@ def test_two_dumps_started_at_once_make_one_whole_store(tmp_path, tiny_model_dir
               "--max-len", "32", "--quiet"]
     reference = tmp_path / "reference.zarr"
     dump(prompts, reference, checkpoint=tiny_model_dir, batch_size=2, max_len=32, progress=False)
-    expected = _snapshot(reference)
+    expected = store_arrays(reference)
     volatile = {"created", "finished"}
     for trial in range(6):
         where = tmp_path / f"trial{trial}"
@@ -229,9 +213,9 @@ def test_two_dumps_started_at_once_make_one_whole_store(tmp_path, tiny_model_dir
                 if sys.platform.startswith("linux"):
                     assert f"(pid {winners[0][0]})" in line
         assert sorted(p.name for p in where.iterdir()) == ["s.zarr"]  # no staging directory left
-        arrays, attrs = _snapshot(out)
+        arrays, attrs = store_arrays(out)
         assert attrs["status"] == "complete"
-        _assert_same_arrays(expected[0], arrays)
+        assert_same_arrays(expected[0], arrays)
         assert {k: v for k, v in attrs.items() if k not in volatile} == \
             {k: v for k, v in expected[1].items() if k not in volatile}
     # a later run finds the store complete
@@ -254,7 +238,7 @@ def test_a_store_being_written_is_refused_and_unchanged(tmp_path, tiny_model_dir
     kwargs = dict(checkpoint=tiny_model_dir, batch_size=2, max_len=32, progress=False)
     dump(prompts, out, **kwargs)
     _interrupt(out, slice(2, 4))
-    before = _snapshot(out)
+    before = store_arrays(out)
     listing = sorted(os.listdir(out))
     fd = _hold_lock(out)  # as the run writing it would
     try:
@@ -265,8 +249,8 @@ def test_a_store_being_written_is_refused_and_unchanged(tmp_path, tiny_model_dir
         assert rc == 1 and "is being written by another dump" in _error_line(capsys)
     finally:
         os.close(fd)
-    after = _snapshot(out)
-    _assert_same_arrays(before[0], after[0])
+    after = store_arrays(out)
+    assert_same_arrays(before[0], after[0])
     assert before[1] == after[1] and sorted(os.listdir(out)) == listing
     assert dump(prompts, out, **kwargs).sequences_written == 2  # once released, it resumes
 
@@ -360,7 +344,7 @@ def test_a_run_killed_after_its_first_batch_resumes_to_the_identical_store(tmp_p
     assert zarr.open_group(str(out), mode="r").attrs["status"] == "in_progress"
     summary = dump(prompts, out, **kwargs)
     assert summary.resumed and 0 < summary.sequences_written < 60
-    _assert_same_arrays(_snapshot(reference)[0], _snapshot(out)[0])
+    assert_same_arrays(store_arrays(reference)[0], store_arrays(out)[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "reference.zarr", "s.zarr"]
 
 
