@@ -34,8 +34,11 @@ def _transformed(config: ModelConfig, spec: RecordSpec, compute_dtype: str = "fl
     return hk.transform_with_state(fn)
 
 
-def init_params(config: ModelConfig, seed: int = 0, quantized: bool = True) -> dict:
-    """Random parameters; quantizable weights become int8 with the release's scale blocks."""
+def init_params(config: ModelConfig, seed: int = 0, quantized: bool | None = None) -> dict:
+    """Random parameters; with `quantized` (default: when the release stores int8, as Grok-1's
+    does), quantizable weights become int8 with the release's scale blocks."""
+    if quantized is None:
+        quantized = config.weight_format == "int8"
     f = _transformed(config, RecordSpec(routing=False))
     tokens = jnp.zeros((1, 1), jnp.int32)
     params, _ = f.init(jax.random.PRNGKey(seed), tokens, tokens)

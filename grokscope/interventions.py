@@ -14,6 +14,8 @@ positions (the positions the model sees, 0 = the first token):
                     other way round, with their gates
   renormalize()     gates divided by their sum over the k slots (the variant some ports use)
   ablate_head(h)    attention head h's output is zeroed before the output projection
+  zero_dense()      the dense MLP's output is zeroed (models with a dense MLP beside the
+                    experts, as Grok-2): the FFN output becomes moe / sqrt(2)
 
 In a layer they apply in this order: ban (before the top-k), force, swap, zero, renormalize.
 The recorded `expert_index`/`expert_gate` are what the model then used; `router_logits` are
@@ -29,10 +31,11 @@ from typing import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Intervention", "ban", "zero", "force", "swap", "renormalize", "ablate_head", "for_layer",
-           "apply_routing", "ablate_heads", "KINDS"]
+__all__ = ["Intervention", "ban", "zero", "force", "swap", "renormalize", "ablate_head", "zero_dense", "for_layer",
+           "apply_routing", "ablate_heads", "zero_dense_output", "KINDS"]
 
-KINDS = ("ban", "zero", "force", "swap", "renormalize", "ablate_head")
+KINDS = ("ban", "zero", "force", "swap", "renormalize", "ablate_head", "zero_dense")
+ROUTING_KINDS = ("ban", "zero", "force", "swap", "renormalize")
 
 
 def _ints(value, what: str) -> tuple[int, ...] | None:
@@ -78,6 +81,8 @@ class Intervention:
         if self.kind == "force" and len(self.experts) != config.num_selected_experts:
             raise ValueError(f"{self}: force needs {config.num_selected_experts} experts (one per slot), "
                              f"got {len(self.experts)}")
+        if self.kind == "zero_dense" and not config.has_dense_mlp:
+            raise ValueError(f"{self}: the model has no dense MLP beside its experts (dense_ffn_size is None)")
         if self.head is not None and self.head >= config.num_q_heads:
             raise ValueError(f"{self}: head {self.head} out of range (the model has {config.num_q_heads})")
 
@@ -86,7 +91,8 @@ class Intervention:
                 "zero": f"zero expert {self.experts[0]}" if self.experts else "zero",
                 "force": f"force experts {list(self.experts)}" + (f" gates {list(self.gates)}" if self.gates else ""),
                 "swap": f"swap experts {self.experts[0]} and {self.experts[1]}" if len(self.experts) == 2 else "swap",
-                "renormalize": "renormalize gates", "ablate_head": f"ablate head {self.head}"}[self.kind]
+                "renormalize": "renormalize gates", "ablate_head": f"ablate head {self.head}",
+                "zero_dense": "zero the dense MLP"}[self.kind]
         where = "every layer" if self.layers is None else f"layer{'s' if len(self.layers) > 1 else ''} " + \
             ",".join(map(str, self.layers))
         at = "" if self.positions is None else " at positions " + ",".join(map(str, self.positions))
@@ -134,6 +140,10 @@ def ablate_head(head: int, layer: int | Iterable[int] | None = None, positions=N
     return Intervention("ablate_head", _ints(layer, "layer"), _ints(positions, "positions"), head=head)
 
 
+def zero_dense(layer: int | Iterable[int] | None = None, positions=None) -> Intervention:
+    return Intervention("zero_dense", _ints(layer, "layer"), _ints(positions, "positions"))
+
+
 def for_layer(interventions: Sequence[Intervention], layer: int) -> tuple[Intervention, ...]:
     return tuple(iv for iv in interventions if iv.applies_to(layer))
 
@@ -166,7 +176,7 @@ def apply_routing(probs: jax.Array, positions: jax.Array, k: int, interventions:
         gates, index = jax.lax.top_k(probs, k)
         index = index.astype(jnp.int32)
     for iv in interventions:
-        if iv.kind in ("ban", "ablate_head"):
+        if iv.kind not in ROUTING_KINDS or iv.kind == "ban":
             continue
         where = _where_positions(iv, positions)[..., None]  # [B, T, 1]
         if iv.kind == "force":
@@ -194,4 +204,12 @@ def ablate_heads(out: jax.Array, positions: jax.Array, interventions: Sequence[I
             continue
         where = _where_positions(iv, positions)[:, :, None] & (jnp.arange(out.shape[2]) == iv.head)[None, None, :]
         out = jnp.where(where[..., None], jnp.zeros_like(out), out)
+    return out
+
+
+def zero_dense_output(out: jax.Array, positions: jax.Array, interventions: Sequence[Intervention]) -> jax.Array:
+    """Zeroes the dense MLP's output `out` [B, T, D] where a `zero_dense` intervention applies."""
+    for iv in interventions:
+        if iv.kind == "zero_dense":
+            out = jnp.where(_where_positions(iv, positions)[..., None], jnp.zeros_like(out), out)
     return out

@@ -20,6 +20,15 @@ Grok-1's paths, shapes ([in, out], as haiku stores them), int8 blocks and specs:
     router/w                                        [D, E]        float   replicated
     moe/{linear,linear_v}/w                         [E, D, F]     int8 x1 (None, data, model)
     moe/linear_1/w                                  [E, F, D]     int8 x8 (None, model, data)
+
+Grok-2 (`config.dense_ffn_size`, `tied_embeddings=False`, `weight_format="bfloat16"`) adds a
+dense MLP beside the experts and an untied head, and stores every tensor in bfloat16 (the
+rules still say which weights `load_params(..., quantize="int8")` may quantize, and how):
+
+  language_model/unembed/embeddings                 [V, D]        bf16    (None, (data, model))
+  transformer/decoder_layer_{i}/
+    mlp/{linear,linear_v}/w                         [D, Fd]       bf16 (int8 x1) (data, model)
+    mlp/linear_1/w                                  [Fd, D]       bf16 (int8 x8) (model, data)
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import functools
 import re
 from typing import NamedTuple
 
+import ml_dtypes
 import numpy as np
 
 __all__ = ["ParamShape", "ParamSpec", "param_layout", "param_shapes", "is_quantizable", "release_scale_blocks",
@@ -49,8 +59,11 @@ class ParamSpec:
     Attributes:
       path: "module/path/name".
       shape: the logical shape (of `weight` when quantised).
-      dtype: the dtype the release stores it in (int8 where quantised, else float32).
+      dtype: the dtype the release stores it in (int8 where quantised; else float32 for
+        Grok-1, bfloat16 for Grok-2).
       quantized: stored as a `QuantizedWeight8bit` (int8 weight + scales) in the release.
+      quantizable: a matmul weight the int8 path may quantize (all of Grok-1's quantized
+        weights; Grok-2's same weights and its dense MLP).
       scale_blocks: the release's `n_blocks` of its scales (1 where not quantised).
       partition: the logical partition spec, one entry per dim: None, a mesh axis name, or a
         tuple of them (fitted to a concrete mesh by `grokscope.sharding`).
@@ -62,6 +75,7 @@ class ParamSpec:
     quantized: bool
     scale_blocks: int
     partition: tuple
+    quantizable: bool = False
 
 
 class _Rule(NamedTuple):
@@ -76,7 +90,9 @@ _RULES = (
     _Rule(re.compile(r"multi_head_attention/linear/w$"), True, True, ("model", "data")),
     _Rule(re.compile(r"moe/(linear|linear_v)/w$"), True, False, (None, "data", "model")),
     _Rule(re.compile(r"moe/linear_1/w$"), True, True, (None, "model", "data")),
-    _Rule(re.compile(r"in_out_embed/embeddings$"), False, False, (None, ("data", "model"))),
+    _Rule(re.compile(r"mlp/(linear|linear_v)/w$"), True, False, ("data", "model")),
+    _Rule(re.compile(r"mlp/linear_1/w$"), True, True, ("model", "data")),
+    _Rule(re.compile(r"(in_out_embed|unembed)/embeddings$"), False, False, (None, ("data", "model"))),
 )
 
 
@@ -85,7 +101,8 @@ def _rule(path: str) -> _Rule | None:
 
 
 def is_quantizable(path: str) -> bool:
-    """Whether the release stores the parameter at `path` as a QuantizedWeight8bit."""
+    """Whether the parameter at `path` is a matmul weight with an int8 form (`QuantizedWeight8bit`):
+    Grok-1's release stores these as int8; Grok-2's stores them in bfloat16."""
     rule = _rule(path)
     return rule is not None and rule.quantized
 
@@ -108,6 +125,8 @@ def _shapes(config) -> dict[str, tuple[int, ...]]:
     D, V, E, F = config.emb_size, config.vocab_size, config.num_experts, config.ffn_size
     H, G, K = config.num_q_heads, config.num_kv_heads, config.key_size
     shapes = {"language_model/in_out_embed/embeddings": (V, D), "language_model/rms_norm/scale": (D,)}
+    if not config.tied_embeddings:
+        shapes["language_model/unembed/embeddings"] = (V, D)
     for i in range(config.num_layers):
         layer = f"transformer/decoder_layer_{i}"
         shapes.update({
@@ -120,6 +139,10 @@ def _shapes(config) -> dict[str, tuple[int, ...]]:
             f"{layer}/moe/linear_v/w": (E, D, F),
             f"{layer}/moe/linear_1/w": (E, F, D),
         })
+        if config.dense_ffn_size is not None:
+            Fd = config.dense_ffn_size
+            shapes.update({f"{layer}/mlp/linear/w": (D, Fd), f"{layer}/mlp/linear_v/w": (D, Fd),
+                           f"{layer}/mlp/linear_1/w": (Fd, D)})
         for norm in ("rms_norm", "rms_norm_1", "rms_norm_2", "rms_norm_3"):
             shapes[f"{layer}/{norm}/scale"] = (D,)
     return shapes
@@ -131,11 +154,15 @@ def param_layout(config) -> dict[str, ParamSpec]:
     shapes = _shapes(config)
     order = sorted(shapes, key=lambda path: tuple(path.rsplit("/", 1)))
     layout = {}
+    int8 = config.weight_format == "int8"
+    float_dtype = np.dtype(np.float32) if int8 else np.dtype(ml_dtypes.bfloat16)
     for path in order:
         shape = shapes[path]
-        quantized = is_quantizable(path)
-        layout[path] = ParamSpec(path, shape, np.dtype(np.int8 if quantized else np.float32), quantized,
-                                 release_scale_blocks(path, shape) if quantized else 1, partition_spec(path, shape))
+        quantizable = is_quantizable(path)
+        quantized = quantizable and int8
+        layout[path] = ParamSpec(path, shape, np.dtype(np.int8) if quantized else float_dtype, quantized,
+                                 release_scale_blocks(path, shape) if quantizable else 1,
+                                 partition_spec(path, shape), quantizable)
     return layout
 
 

@@ -37,7 +37,9 @@ Quantities (see `QUANTITIES` for dims and dtypes):
                            gate), chosen or not.
   moe_input                rms_norm_2(h): what the router and every expert read.
   moe_output               the gate-weighted sum of the chosen experts' outputs.
-  (`RecordSpec.expert_outputs` names the layers of this family of three.)
+  mlp_output               the dense MLP's output beside the experts (models that have one,
+                           as Grok-2; the FFN output is then (mlp_output + moe_output) / sqrt(2)).
+  (`RecordSpec.expert_outputs` names the layers of this family of four.)
 
 Modules offer quantities with `probe(name, value)`; a `RecordSpec` decides, at trace time,
 which are kept and in which form (`record_filter`), so an unselected quantity is never
@@ -72,6 +74,8 @@ class Quantity(NamedTuple):
       selected_by: the `RecordSpec` field that selects it: "routing" (every layer),
         "attention", "residual" or "expert_outputs" (the layers that field names).
       fill: the store's fill value (also written at padding positions).
+      requires: a `ModelConfig` property that must be true for the model to have the
+        quantity (e.g. "has_dense_mlp"); None: every model has it.
     """
 
     dims: tuple[str, ...]
@@ -81,6 +85,7 @@ class Quantity(NamedTuple):
     description: str
     selected_by: str
     fill: int | float = 0
+    requires: str | None = None
 
     @property
     def layer_dim(self) -> str:
@@ -134,6 +139,10 @@ QUANTITIES: dict[str, Quantity] = {
         ("sequence", "position", "expert_layer", "hidden"), "float32", "MoE output", "activation",
         "the gate-weighted sum of the chosen experts' outputs (the MoE block's output, before rms_norm_3)",
         "expert_outputs"),
+    "mlp_output": Quantity(
+        ("sequence", "position", "expert_layer", "hidden"), "float32", "dense MLP output", "activation",
+        "the dense MLP's output beside the experts, on the same input (the FFN output is "
+        "(mlp_output + moe_output) / sqrt(2), before rms_norm_3)", "expert_outputs", requires="has_dense_mlp"),
 }
 
 _ATTENTION_PROBE = "attn_weights"  # every attention quantity is a form of this one probe
@@ -235,14 +244,19 @@ class RecordSpec:
       attention: record attention maps (None: not at all).
       residual: "all" or a tuple of layers whose output residual stream to record (None: not at all).
       expert_outputs: "all" or a tuple of layers at which to record what *every* expert outputs
-        for each token (`expert_output`, E x hidden per token: large) and the gate-weighted sum of
-        the chosen ones (`moe_output`). None: not at all.
+        for each token (`expert_output`, E x hidden per token: large), the gate-weighted sum of
+        the chosen ones (`moe_output`), their input (`moe_input`) and, in models with one, the
+        dense MLP's output (`mlp_output`). None: not at all.
+      model_features: set by `resolved(config)`: the `Quantity.requires` features the model
+        has, which decide whether such quantities are among `names` (not part of `to_dict`:
+        the store holds the model's config).
     """
 
     routing: bool = True
     attention: AttentionSpec | None = None
     residual: Selection | None = None
     expert_outputs: Selection | None = None
+    model_features: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
     def __post_init__(self):
         for name in ("residual", "expert_outputs"):
@@ -257,10 +271,13 @@ class RecordSpec:
         return tuple(name for name, q in QUANTITIES.items()
                      if (q.selected_by == "routing" and self.routing)
                      or (q.selected_by == "attention" and name in forms)
-                     or (q.selected_by not in ("routing", "attention") and getattr(self, q.selected_by) is not None))
+                     or (q.selected_by not in ("routing", "attention") and getattr(self, q.selected_by) is not None)
+                     if q.requires is None or q.requires in self.model_features)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        del d["model_features"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RecordSpec":
@@ -287,7 +304,10 @@ class RecordSpec:
         experts = self.expert_outputs
         if experts is not None:
             experts = resolve_selection(experts, config.num_layers, "expert output layers")
-        return dataclasses.replace(self, attention=attention, residual=residual, expert_outputs=experts)
+        features = tuple(sorted({q.requires for q in QUANTITIES.values()
+                                 if q.requires is not None and getattr(config, q.requires)}))
+        return dataclasses.replace(self, attention=attention, residual=residual, expert_outputs=experts,
+                                   model_features=features)
 
     @classmethod
     def parse(cls, text: str) -> "RecordSpec":

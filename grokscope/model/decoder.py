@@ -1,22 +1,30 @@
-"""One Grok-1 decoder layer and the stack of them ("sandwich" norms around each block)."""
+"""One Grok decoder layer and the stack of them ("sandwich" norms around each block).
+
+Grok-1: h += rms_norm_1(attn(rms_norm(h))); x = rms_norm_2(h); h += rms_norm_3(moe(x)).
+Grok-2 (`config.dense_ffn_size`) runs a dense MLP beside the experts on the same x and adds
+rms_norm_3((mlp(x) + moe(x)) / sqrt(2)).
+"""
 
 from __future__ import annotations
+
+import math
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
 from grokscope.config import ModelConfig
-from grokscope.interventions import for_layer
+from grokscope.interventions import for_layer, zero_dense_output
 from grokscope.model.attention import MultiHeadAttention
-from grokscope.model.moe import MoELayer, Router
+from grokscope.model.moe import DenseMLP, MoELayer, Router
 from grokscope.model.norm import RMSNorm
 from grokscope.record import probe
 from grokscope.sharding import constrain
 
 
 class DecoderLayer(hk.Module):
-    """h += rms_norm_1(attn(rms_norm(h))); h += rms_norm_3(moe(rms_norm_2(h)))."""
+    """h += rms_norm_1(attn(rms_norm(h))); h += rms_norm_3(ffn(rms_norm_2(h))), where ffn is the
+    MoE, or (dense MLP + MoE) / sqrt(2) when the config has a dense MLP."""
 
     def __init__(self, config: ModelConfig, name: str, moe_dispatch: str = "sparse", interventions: tuple = ()):
         super().__init__(name=name)
@@ -37,8 +45,13 @@ class DecoderLayer(hk.Module):
         probe("moe_input", x)
         router_logits, probs = Router(self.config)(x)
         probe("router_logits", router_logits)
-        moe_out = MoELayer(self.config, self.moe_dispatch, self.interventions)(x, probs, positions, banned)
-        h = h + RMSNorm(eps, name="rms_norm_3")(moe_out)
+        ffn = MoELayer(self.config, self.moe_dispatch, self.interventions)(x, probs, positions, banned)
+        if self.config.has_dense_mlp:
+            mlp_out = DenseMLP(self.config)(x)  # [B, T, D] float32
+            mlp_out = zero_dense_output(mlp_out, positions, self.interventions)
+            probe("mlp_output", mlp_out)
+            ffn = ((mlp_out + ffn.astype(jnp.float32)) / math.sqrt(2)).astype(x.dtype)
+        h = h + RMSNorm(eps, name="rms_norm_3")(ffn)
         probe("residual", h)
         return (h, new_cache) if cache is not None else h
 

@@ -1,4 +1,8 @@
-"""Embedding, decoder stack, final norm and tied unembedding: the whole Grok-1 forward."""
+"""Embedding, decoder stack, final norm and output head: the whole Grok forward.
+
+The head is the input embedding (tied, Grok-1) or a separate `unembed` table (Grok-2's
+`lm_head`); the output logits are then soft-capped when the config says so (Grok-2: 50).
+"""
 
 from __future__ import annotations
 
@@ -18,16 +22,22 @@ from grokscope.sharding import constrain
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-def as_activation_constant(x: float) -> float:
-    """A Python-float multiplier as the release applies it to bf16 arrays: rounded to bf16.
+def as_activation_constant(x: float, dtype: str = "bfloat16") -> float:
+    """A Python-float multiplier as the release applies it: rounded to `dtype`.
 
-    (78.38367176906169 becomes 78.5 and 0.5773502691896257 becomes 0.578125.)
+    Grok-1's release multiplies bf16 arrays by Python floats, which rounds them to bf16
+    (78.38367176906169 becomes 78.5 and 0.5773502691896257 becomes 0.578125); with
+    "float32" the multiplier is only rounded to float32.
     """
-    return float(np.asarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32))
+    value = np.asarray(x, dtype=np.float32)
+    if dtype == "bfloat16":
+        value = value.astype(ml_dtypes.bfloat16).astype(np.float32)
+    return float(value)
 
 
 class InOutEmbed(hk.Module):
-    """The tied token embedding `[V, D]`, used for input lookup and output logits."""
+    """A token embedding table `[V, D]`: the tied one (`in_out_embed`, input lookup and output
+    logits) or an untied output head (`unembed`)."""
 
     def __init__(self, config: ModelConfig, name: str = "in_out_embed"):
         super().__init__(name=name)
@@ -59,7 +69,7 @@ class LanguageModel(hk.Module):
         c = self.config
         embed = InOutEmbed(c)
         h = embed.embed(tokens).astype(self.compute_dtype)  # [B, T, D]
-        h = h * as_activation_constant(c.embedding_multiplier_scale)
+        h = h * as_activation_constant(c.embedding_multiplier_scale, c.multipliers_dtype)
         T = tokens.shape[1]
         if cache is None:
             valid = tokens > c.pad_token  # [B, S]
@@ -76,7 +86,8 @@ class LanguageModel(hk.Module):
                                             ban_mask)
             cache = {"keys": keys, "values": values, "valid": valid, "length": start + T}
         h = RMSNorm(c.norm_eps, name="rms_norm")(h)
-        logits = embed.decode(h) * as_activation_constant(c.output_multiplier_scale)
+        head = embed if c.tied_embeddings else InOutEmbed(c, name="unembed")
+        logits = head.decode(h) * as_activation_constant(c.output_multiplier_scale, c.multipliers_dtype)
         logits = softcap(logits.astype(jnp.float32), c.final_logit_softcap)
         # Grok-1's release returns bfloat16 logits.
         logits = logits.astype(c.logits_dtype).astype(jnp.float32)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from grokscope.config import ModelConfig
-from grokscope.interventions import apply_routing
+from grokscope.interventions import ROUTING_KINDS, apply_routing
 from grokscope.model.attention import softcap
 from grokscope.model.linear import HIGHEST, fan_in_init
 from grokscope.quant import QuantizedWeight8bit, dequantize
@@ -103,6 +103,7 @@ def _sorted_assignments(index: jax.Array, num_experts: int):
 
 
 def _gelu(x: jax.Array, variant: str) -> jax.Array:
+    """GELU: "tanh" (the tanh approximation) or "erf" (exact)."""
     return jax.nn.gelu(x, approximate=variant == "tanh")
 
 
@@ -164,6 +165,23 @@ def _all_experts(x, w_gate, w_up, w_down, gelu: str):
     return jnp.einsum("btef,efd->bted", hidden, w_down.astype(jnp.float32), precision=HIGHEST)
 
 
+class DenseMLP(hk.Module):
+    """The dense gated MLP beside the experts (Grok-2's `mlp`): linear_1(gelu(x @ linear) * (x @ linear_v)),
+    on the same normalized input; computed as one expert is (float32 GELU and product)."""
+
+    def __init__(self, config: ModelConfig, name: str = "mlp"):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, T, D] -> [B, T, D] float32."""
+        D, Fd = self.config.emb_size, self.config.dense_ffn_size
+        w_gate = _expert_weight("linear", [D, Fd])
+        w_up = _expert_weight("linear_v", [D, Fd])
+        w_down = _expert_weight("linear_1", [Fd, D])
+        return _ffn(x, w_gate, w_up, w_down, x.dtype, self.config.gelu)
+
+
 class MoELayer(hk.Module):
     """Top-k mixture of GeGLU experts; `dispatch` picks how it is computed (see the module)."""
 
@@ -172,7 +190,7 @@ class MoELayer(hk.Module):
         super().__init__(name=name)
         self.config = config
         self.dispatch = resolve_dispatch(dispatch)
-        self.interventions = tuple(iv for iv in interventions if iv.kind != "ablate_head")
+        self.interventions = tuple(iv for iv in interventions if iv.kind in ROUTING_KINDS)
 
     def __call__(self, x: jax.Array, probs: jax.Array, positions: jax.Array | None = None,
                  banned: jax.Array | None = None) -> jax.Array:
