@@ -1,7 +1,8 @@
 """Interactive use: load a model once, run prompts, get the store's Dataset back in memory.
 
-`Session()` loads the bundled default model; `Session(checkpoint=DIR, tokenizer=FILE,
-config=...)` any checkpoint in the release's layout. `session.run(...)` returns the same
+`Session()` loads the bundled default model (grok-tiny); `Session(model="grok2-tiny")` the
+bundled Grok-2-architecture one; `Session(checkpoint=DIR, tokenizer=FILE, config=...)` any
+checkpoint in Grok-1's or Grok-2's release layout (`grokscope.formats`). `session.run(...)` returns the same
 `xarray.Dataset` (names, dims, dtypes) that `open_store` gives for a dump.
 """
 
@@ -20,14 +21,27 @@ from grokscope.record import RecordSpec
 from grokscope.runner import bucket_length
 from grokscope.tokenizer import Tokenizer
 
-__all__ = ["Session", "Generation", "LoadedModel", "load_model", "resolve_model", "default_model_dir", "bucket_length"]
+__all__ = ["Session", "Generation", "LoadedModel", "load_model", "resolve_model", "default_model_dir", "bucket_length",
+           "BUNDLED_MODELS", "bundled_model_dir"]
 
 BUNDLED = "grok-tiny"
+BUNDLED_MODELS = ("grok-tiny", "grok2-tiny")
+"""The small trained models in the package: Grok-1's architecture (the default) and Grok-2's."""
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.tok.json")
+"""The tokenizer file a checkpoint directory may hold: SentencePiece (Grok-1), xAI's tiktoken JSON (Grok-2)."""
+
+
+def bundled_model_dir(name: str = BUNDLED) -> Path:
+    """The directory of a bundled model (`BUNDLED_MODELS`)."""
+    if name not in BUNDLED_MODELS:
+        raise ValueError(f"model {name!r}: expected one of the bundled models {', '.join(BUNDLED_MODELS)}")
+    return Path(__file__).resolve().parent / "assets" / name
 
 
 def default_model_dir() -> Path:
     """The bundled default model's directory (checkpoint, tokenizer.model, config.json)."""
-    return Path(__file__).resolve().parent / "assets" / BUNDLED
+    return bundled_model_dir(BUNDLED)
 
 
 @dataclasses.dataclass
@@ -40,25 +54,38 @@ class LoadedModel:
     directory: Path
     # {param path: xxh3_128 hex digest of its tensor file}, filled by load_model
     tensor_digests: dict = dataclasses.field(default_factory=dict)
+    # None, or "int8": a bfloat16 checkpoint's matmul weights quantized as they were loaded
+    quantize: str | None = None
 
 
 def resolve_model(checkpoint: str | Path | None = None, tokenizer: str | Path | None = None,
-                  config: ModelConfig | str | None = None) -> LoadedModel:
-    """Config, tokenizer and checkpoint identity, without loading any parameter (params={})."""
-    from grokscope.checkpoint import checkpoint_identity
+                  config: ModelConfig | str | None = None, model: str | None = None) -> LoadedModel:
+    """Config, tokenizer and checkpoint identity, without loading any parameter (params={}).
 
-    directory = Path(checkpoint) if checkpoint is not None else default_model_dir()
-    if not (directory / "ckpt-0").is_dir():
-        if checkpoint is None:
+    `model` names a bundled model (`BUNDLED_MODELS`) instead of a `checkpoint` directory.
+    """
+    from grokscope.formats import checkpoint_identity, detect_format
+
+    if model is not None and checkpoint is not None:
+        raise ValueError("give a bundled model name or a checkpoint directory, not both")
+    bundled = checkpoint is None
+    directory = Path(checkpoint) if checkpoint is not None else bundled_model_dir(model or BUNDLED)
+    if detect_format(directory) is None:
+        if bundled:
             raise FileNotFoundError(f"the bundled model is missing at {directory}; pass a checkpoint directory")
-        raise FileNotFoundError(f"{directory}: no ckpt-0/ directory (expected the directory that holds ckpt-0/)")
+        raise FileNotFoundError(f"{directory}: no checkpoint (expected the directory that holds Grok-1's ckpt-0/ "
+                                f"or Grok-2's safetensors)")
     if config is None:
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"{directory}: no config.json; pass config= (a preset name, JSON file or ModelConfig)")
         config = load_config(str(directory / "config.json"))
     elif isinstance(config, str):
         config = load_config(config)
-    tokenizer_file = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.model"
+    if tokenizer is not None:
+        tokenizer_file = Path(tokenizer)
+    else:
+        tokenizer_file = next((directory / name for name in TOKENIZER_FILES if (directory / name).is_file()),
+                              directory / TOKENIZER_FILES[0])
     tok = Tokenizer(tokenizer_file)
     if tok.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_file} has {tok.vocab_size} pieces, more than the model's "
@@ -68,19 +95,22 @@ def resolve_model(checkpoint: str | Path | None = None, tokenizer: str | Path | 
 
 def load_model(checkpoint: str | Path | None = None, tokenizer: str | Path | None = None,
                config: ModelConfig | str | None = None, mesh: Mesh | None = None,
-               resolved: LoadedModel | None = None) -> LoadedModel:
+               resolved: LoadedModel | None = None, model: str | None = None,
+               quantize: str | None = None) -> LoadedModel:
     """Loads params (validated, on `mesh`), tokenizer and config.
 
-    With no `checkpoint`, the bundled model. `config` defaults to `CHECKPOINT/config.json`;
-    `tokenizer` to `CHECKPOINT/tokenizer.model`. `resolved` (from `resolve_model`) skips the
-    resolution. The files' content digests, hashed while they are read, go to `tensor_digests`.
+    With no `checkpoint`, a bundled model (`model`, default grok-tiny). `config` defaults to
+    `CHECKPOINT/config.json`; `tokenizer` to `CHECKPOINT/tokenizer.model` or
+    `CHECKPOINT/tokenizer.tok.json`. `resolved` (from `resolve_model`) skips the resolution.
+    `quantize="int8"` quantizes a bfloat16 (Grok-2) checkpoint's matmul weights as they load.
+    The tensors' content digests, hashed while they are read, go to `tensor_digests`.
     """
-    from grokscope.checkpoint import load_params
+    from grokscope.formats import load_params
 
-    model = resolved or resolve_model(checkpoint, tokenizer, config)
+    described = resolved or resolve_model(checkpoint, tokenizer, config, model)
     digests: dict[str, str] = {}
-    params = load_params(model.directory, model.config, mesh=mesh, digests=digests)
-    return dataclasses.replace(model, params=params, mesh=mesh, tensor_digests=digests)
+    params = load_params(described.directory, described.config, mesh=mesh, quantize=quantize, digests=digests)
+    return dataclasses.replace(described, params=params, mesh=mesh, tensor_digests=digests, quantize=quantize)
 
 
 class Session:
@@ -94,8 +124,9 @@ class Session:
 
     def __init__(self, checkpoint: str | Path | None = None, tokenizer: str | Path | None = None,
                  config: ModelConfig | str | None = None, mesh: Mesh | None = None,
-                 record: RecordSpec = RecordSpec(), compute_dtype: str = "float32"):
-        self._model = load_model(checkpoint, tokenizer, config, mesh)
+                 record: RecordSpec = RecordSpec(), compute_dtype: str = "float32", model: str | None = None,
+                 quantize: str | None = None):
+        self._model = load_model(checkpoint, tokenizer, config, mesh, model=model, quantize=quantize)
         self.record = record
         self.compute_dtype = compute_dtype
         self._vocab_pieces = self._model.tokenizer.pieces(range(self._model.tokenizer.vocab_size))
@@ -206,6 +237,8 @@ class Session:
                  "checkpoint": self._model.checkpoint_identity, "tokenizer": self.tokenizer.identity(),
                  "record_spec": record.resolved(self.config).to_dict(), "compute_dtype": self.compute_dtype,
                  "status": "complete"}
+        if self._model.quantize is not None:
+            attrs["quantize"] = self._model.quantize
         return dataset_from_arrays(variables, coords, arrays, json.loads(json.dumps(attrs)))
 
     def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,

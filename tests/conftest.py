@@ -29,6 +29,12 @@ def fixture_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def grok2_fixture_dir() -> Path:
+    """The tiny Grok-2 in the release's layout, with sglang-jax and float64 reference outputs."""
+    return _shared_path("fixtures", "grok2-tiny")
+
+
+@pytest.fixture(scope="session")
 def grok1_tokenizer_file() -> Path:
     return _shared_path("grok-1", "tokenizer.model")
 

@@ -37,6 +37,7 @@ import ml_dtypes
 import numpy as np
 import xxhash
 
+from grokscope.checkpoint import CheckpointError
 from grokscope.formats.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor, write_file
 from grokscope.layout import param_layout
 from grokscope.quant import QuantizedWeight8bit, quantize
@@ -76,7 +77,7 @@ _TP_FILE = re.compile(r"^pytorch_model-(\d{5})-TP-(common|\d{3})\.safetensors$")
 _HF_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
 
-class Grok2CheckpointError(ValueError):
+class Grok2CheckpointError(CheckpointError):
     """A Grok-2 checkpoint directory that does not match the model; names the file and tensor."""
 
 
