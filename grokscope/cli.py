@@ -32,8 +32,42 @@ def _resolve_config(checkpoint_dir: Path, spec: str | None):
     raise ValueError(f"{checkpoint_dir}: no config.json here; pass --config PRESET|FILE.json")
 
 
+def _inspect_grok2(ckpt: Path, config) -> int:
+    """Lists a Grok-2 checkpoint's parameters from the safetensors headers, every file checked."""
+    from grokscope.checkpoint import CheckpointError
+    from grokscope.formats.grok2 import checkpoint_files, release_names, scan
+    from grokscope.layout import device_bytes, param_layout
+
+    try:
+        pieces = scan(ckpt, config)
+    except (CheckpointError, OSError) as e:
+        print(f"error: {_error_line(e)}", file=sys.stderr)
+        return 1
+    sources = release_names(config)
+    files: dict[str, set] = {}
+    stored: dict[str, int] = {}
+    for name, infos in pieces.items():
+        param = sources[name].param
+        files.setdefault(param, set()).update(info.file.name for info in infos)
+        stored[param] = stored.get(param, 0) + sum(info.nbytes for info in infos)
+    print(f"{'#':>4}  {'path':<58} {'shape':<20} {'dtype':<9} {'files':>5} {'bytes':>12}")
+    for index, (path, spec) in enumerate(param_layout(config).items()):
+        print(f"{index:>4}  {path:<58} {str(spec.shape):<20} {str(spec.dtype):<9} {len(files[path]):>5} "
+              f"{stored[path]:>12}")
+    total = sum(stored.values())
+    print(f"{len(stored)} parameters from {len(pieces)} tensors in {len(checkpoint_files(ckpt))} files, "
+          f"{_human(total)}; all match the config ({config.num_layers} layers, d={config.emb_size}, "
+          f"{config.num_experts} experts top-{config.num_selected_experts}, dense MLP "
+          f"{config.dense_ffn_size or 'none'})")
+    for model in (8, 4):
+        print(f"parameters per device on a 1x{model} mesh: {_human(device_bytes(config, 1, model))} as stored, "
+              f"{_human(device_bytes(config, 1, model, 'int8'))} with --quantize int8")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from grokscope.checkpoint import CheckpointError, check_file_set, check_tensor, read_tensor, tensor_path
+    from grokscope.formats import detect_format
     from grokscope.layout import param_shapes
     from grokscope.quant import QuantizedWeight8bit
 
@@ -41,8 +75,10 @@ def cmd_inspect(args) -> int:
     try:
         config = _resolve_config(ckpt, args.config)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_error_line(e)}", file=sys.stderr)
         return 2
+    if detect_format(ckpt) == "grok2":
+        return _inspect_grok2(ckpt, config)
     shapes = param_shapes(config)
     try:
         check_file_set(ckpt, len(shapes))
@@ -353,9 +389,10 @@ def _verify_options():
     pass
 
 
-@_command(cli, "inspect", cmd_inspect, "list and validate every tensor of a checkpoint")
+@_command(cli, "inspect", cmd_inspect,
+          "list and validate every tensor of a checkpoint (Grok-1's ckpt-0/ or Grok-2's safetensors)")
 @click.argument("checkpoint_dir")
-@click.option("--config", help="preset (grok-1, tiny, small) or JSON file; default CHECKPOINT_DIR/config.json")
+@click.option("--config", help="preset (grok-1, grok-2, tiny, small) or JSON file; default CHECKPOINT_DIR/config.json")
 def _inspect_options():
     pass
 

@@ -276,6 +276,33 @@ class ModelConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: {e}") from None
 
+    def to_hf(self) -> dict[str, Any]:
+        """This config as a Hugging Face `config.json` of Grok-2's kind (`from_hf` reads it back).
+
+        Raises ValueError for what that format cannot say (Grok-1's int8 release, bf16-rounded
+        multipliers or logits, an attention multiplier other than head_dim ** -0.5).
+        """
+        problems = [name for name, ok in (
+            ("weight_format", self.weight_format == "bfloat16"),
+            ("multipliers_dtype", self.multipliers_dtype == "float32"),
+            ("logits_dtype", self.logits_dtype == "float32"),
+            ("gelu", self.gelu == "tanh"),
+            ("attn_output_multiplier", math.isclose(self.attn_output_multiplier, self.key_size ** -0.5)),
+        ) if not ok]
+        if problems:
+            raise ValueError(f"ModelConfig.to_hf: {', '.join(problems)} cannot be written as a Hugging Face config")
+        hf = {"architectures": ["Grok1ForCausalLM"]}
+        for key, field in HF_KEYS.items():
+            if field is not None:
+                hf[key] = getattr(self, field)
+        hf.update(head_dim=self.key_size, moe_intermediate_size=self.ffn_size,
+                  residual_moe=self.dense_ffn_size is not None, tie_word_embeddings=self.tied_embeddings,
+                  attn_temperature_len=self.attn_temperature_len or -1, rope_type="original",
+                  torch_dtype="bfloat16")
+        if self.dense_ffn_size is not None:
+            hf["intermediate_size"] = self.dense_ffn_size
+        return {k: v for k, v in hf.items() if v is not None}
+
 
 HF_KEYS: dict[str, str | None] = {
     "hidden_size": "emb_size",

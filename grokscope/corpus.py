@@ -243,21 +243,25 @@ def train_tokenizer(docs: Sequence[Document], vocab_size: int = 4096) -> bytes:
     return buffer.getvalue()
 
 
-def _special_ids(sp) -> tuple[int, int]:
-    """(bos, eos) of a SentencePieceProcessor (methods) or a grokscope Tokenizer (properties)."""
+def _special_ids(sp) -> tuple[int | None, int]:
+    """(bos, eos) of a SentencePieceProcessor (methods) or a grokscope Tokenizer (properties);
+    bos is None for a tokenizer without one (Grok-2's)."""
     bos, eos = sp.bos_id, sp.eos_id
-    return (int(bos()), int(eos())) if callable(bos) else (int(bos), int(eos))
+    if callable(bos):
+        return int(bos()), int(eos())
+    return (None if bos is None else int(bos)), int(eos)
 
 
 def encode_documents(sp, docs: Iterable[Document]) -> list[np.ndarray]:
-    """Each document as int32 ids `[bos] + encode(text) + [eos]`.
+    """Each document as int32 ids `[bos] + encode(text) + [eos]` (no bos for a tokenizer without one).
 
     Args:
       sp: a `sentencepiece.SentencePieceProcessor` or a `grokscope.Tokenizer`.
       docs: documents to encode.
     """
     bos, eos = _special_ids(sp)
-    return [np.asarray([bos, *sp.encode(d.text), eos], dtype=np.int32) for d in docs]
+    first = [] if bos is None else [bos]
+    return [np.asarray([*first, *sp.encode(d.text), eos], dtype=np.int32) for d in docs]
 
 
 def unigram_counts(sequences: Iterable[np.ndarray], vocab_size: int) -> np.ndarray:

@@ -42,7 +42,7 @@ import ml_dtypes
 import numpy as np
 
 __all__ = ["ParamShape", "ParamSpec", "param_layout", "param_shapes", "is_quantizable", "release_scale_blocks",
-           "partition_spec"]
+           "partition_spec", "fit_spec", "device_bytes"]
 
 
 class ParamShape(NamedTuple):
@@ -169,3 +169,49 @@ def param_layout(config) -> dict[str, ParamSpec]:
 def param_shapes(config) -> dict[str, ParamShape]:
     """`{"module/path/name": ParamShape}` in checkpoint order, computed without memory."""
     return {path: ParamShape(spec.shape, spec.dtype) for path, spec in param_layout(config).items()}
+
+
+def fit_spec(spec: tuple, shape, axis_sizes) -> tuple:
+    """`spec` fitted to a mesh with `axis_sizes` ({axis name: size}): mesh axes that do not
+    divide their dimension are dropped (one entry per dim: None, a name or a tuple of names)."""
+    fitted = []
+    for entry, size in zip(spec, shape):
+        axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        kept, product = [], 1
+        for axis in axes:
+            n = axis_sizes[axis]
+            if size % (product * n) == 0:
+                kept.append(axis)
+                product *= n
+        fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return tuple(fitted)
+
+
+def _split(fitted: tuple, axis_sizes) -> int:
+    """How many ways a fitted spec splits the tensor."""
+    n = 1
+    for entry in fitted:
+        for axis in (() if entry is None else entry if isinstance(entry, tuple) else (entry,)):
+            n *= axis_sizes[axis]
+    return n
+
+
+def device_bytes(config, data: int = 1, model: int = 8, quantize: str | None = None) -> int:
+    """Bytes of parameters one device holds on a (data, model) mesh, from the layout alone.
+
+    `quantize`: None keeps the release's storage (int8 for Grok-1, bfloat16 for Grok-2);
+    "int8" stores every quantizable weight as int8 plus bfloat16 scales.
+    """
+    sizes = {"data": data, "model": model}
+    total = 0
+    for spec in param_layout(config).values():
+        elements = int(np.prod(spec.shape))
+        if spec.quantized or (quantize == "int8" and spec.quantizable):
+            weight = elements  # int8
+            scales_shape = spec.shape[:-2] + (spec.scale_blocks, spec.shape[-1])
+            scales = int(np.prod(scales_shape)) * 2
+            total += weight // _split(fit_spec(spec.partition, spec.shape, sizes), sizes)
+            total += scales // _split(fit_spec(spec.partition, scales_shape, sizes), sizes)
+        else:
+            total += elements * spec.dtype.itemsize // _split(fit_spec(spec.partition, spec.shape, sizes), sizes)
+    return total

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from grokscope.layout import partition_spec
+from grokscope.layout import fit_spec, partition_spec
 from grokscope.quant import QuantizedWeight8bit
 
 __all__ = ["make_mesh", "partition_spec", "param_sharding", "shard_params", "batch_sharding",
@@ -46,18 +46,8 @@ def make_mesh(data: int = 1, model: int | None = None, devices: Sequence[jax.Dev
 
 
 def _fit(spec: tuple, shape: Sequence[int], mesh) -> P:
-    """Drops mesh axes that do not divide their dimension."""
-    fitted = []
-    for entry, size in zip(spec, shape):
-        axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-        kept, product = [], 1
-        for axis in axes:
-            n = mesh.shape[axis]
-            if size % (product * n) == 0:
-                kept.append(axis)
-                product *= n
-        fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-    return P(*fitted)
+    """Drops mesh axes that do not divide their dimension (`grokscope.layout.fit_spec`)."""
+    return P(*fit_spec(spec, shape, mesh.shape))
 
 
 def param_sharding(path: str, value: Any, mesh: Mesh):

@@ -1,14 +1,19 @@
-"""Trains grok-tiny, the small Grok-architecture model bundled in `grokscope/assets/grok-tiny/`.
+"""Trains the small models bundled in `grokscope/assets/`: grok-tiny (Grok-1's architecture)
+and grok2-tiny (Grok-2's: a dense MLP beside the experts, soft-capped router and logits).
 
 Routing analysis on random weights shows nothing; this module trains a small model with the
 project's own forward (`make_forward`, float32) whose experts specialize, and bundles it the
-way the real release is laid out (`ckpt-0/` with int8 `QuantizedWeight8bit` weights, written
-by `save_params`), with a config, a SentencePiece tokenizer, held-out example prompts, the
-corpus manifest, measured metrics and a model card.
+way the real release is laid out, with a config, a tokenizer, held-out example prompts, the
+corpus manifest, measured metrics and a model card:
+
+  --arch grok1  `ckpt-0/` with int8 `QuantizedWeight8bit` weights (`save_params`), a flat
+                config.json, a SentencePiece `tokenizer.model`.
+  --arch grok2  bf16 safetensors in the Grok-2 release's TP=8 layout (`save_release`), a
+                Hugging Face config.json, xAI's `tokenizer.tok.json` (byte-level BPE).
 
 Run (every default is the shipped model's setting):
 
-    python -m grokscope.train [--out DIR] [--steps N] [--seed 0] [--batch 16] [--seq-len 256]
+    grokscope train-tiny [--arch grok1|grok2] [--out DIR] [--steps N] [--seed 0] [--batch 16]
 
 Objective (per training batch of non-pad next-token targets):
 
@@ -26,9 +31,10 @@ Objective (per training batch of non-pad next-token targets):
 Optimiser: optax AdamW (b1 0.9, b2 0.95, weight decay 0.1 on weight matrices other than the
 embedding), global-norm clipping at 1.0, linear warmup then cosine decay to 10% of the peak.
 
-Initialisation: `init_params(config, seed, quantized=False)`, then the tied embedding table
-is scaled by 1/sqrt(emb_size) so that, after Grok-1's input multiplier sqrt(emb_size), the
-residual stream starts at unit RMS (the release pairs its multiplier with a small table).
+Initialisation: `init_params(config, seed, quantized=False)`, then the embedding table (and
+the untied output table, if any) is scaled by 1/sqrt(emb_size) so that, after the input
+multiplier sqrt(emb_size), the residual stream starts at unit RMS (the releases pair their
+multiplier with a small table).
 
 Everything is deterministic from `--seed`: parameters from `jax.random.PRNGKey(seed)`, batches
 from `numpy.random.default_rng(seed)`.
@@ -53,8 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from grokscope import corpus
-from grokscope.config import GROK_TINY, ModelConfig
-from grokscope.session import default_model_dir
+from grokscope.config import GROK2_TINY, GROK_TINY, ModelConfig
+from grokscope.session import bundled_model_dir, default_model_dir
 from grokscope.forward import init_params, make_forward
 from grokscope.record import RecordSpec
 
@@ -63,7 +69,10 @@ __all__ = ["GROK_TINY", "BALANCE_COEF", "Z_LOSS_COEF", "ASSET_DIR", "TrainSettin
            "example_windows", "main"]
 
 ASSET_DIR = default_model_dir()
-"""Where the bundled model lives."""
+"""Where the bundled default model lives."""
+
+ARCHS: dict[str, tuple[ModelConfig, str]] = {"grok1": (GROK_TINY, "grok-tiny"), "grok2": (GROK2_TINY, "grok2-tiny")}
+"""`--arch`: the bundled model's config and name."""
 
 BALANCE_COEF = 1e-2
 """Switch load-balancing coefficient alpha, applied to every layer."""
@@ -159,8 +168,10 @@ def _make_optimizer(settings: TrainSettings):
 
 def _initial_params(config: ModelConfig, seed: int) -> dict:
     params = init_params(config, seed, quantized=False)
-    embed = params["language_model/in_out_embed"]
-    embed["embeddings"] = np.asarray(embed["embeddings"]) / math.sqrt(config.emb_size)
+    for module in ("language_model/in_out_embed", "language_model/unembed"):
+        if module in params:
+            table = params[module]
+            table["embeddings"] = np.asarray(table["embeddings"]) / math.sqrt(config.emb_size)
     return jax.tree.map(jnp.asarray, params)
 
 
@@ -183,12 +194,14 @@ def _sample_batch(rng: np.random.Generator, streams: dict[str, np.ndarray], sett
 
 
 def example_windows(examples: Sequence[dict], tokenizer, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Example prompts as `[bos] + ids` rows, pad-filled to a common length; and their labels.
+    """Example prompts as `[bos] + ids` rows (no bos for a tokenizer without one), pad-filled to a
+    common length; and their labels.
 
     Returns:
       (tokens int32 [N, S], labels [N] of "code"/"prose").
     """
-    ids = [[tokenizer.bos_id, *tokenizer.encode(e["text"])] for e in examples]
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    ids = [[*bos, *tokenizer.encode(e["text"])] for e in examples]
     length = max(len(x) for x in ids)
     length += (-length) % multiple
     out = np.zeros((len(ids), length), dtype=np.int32)
@@ -379,20 +392,29 @@ def _card(m: dict) -> str:
 
     environment = jinja2.Environment(loader=jinja2.PackageLoader("grokscope", "templates"),
                                      autoescape=False, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    ev = m["eval"]
+    ev = dict(m["eval"])
+    arch = m.get("arch", "grok1")
+    shipped_format = "int8" if arch == "grok1" else "bfloat16"
+    ev["shipped"] = ev.get("shipped", ev.get("int8"))
     return environment.get_template("model_card.md.j2").render(
-        config=m["config"], s=m["settings"], r=m["routing_int8_heldout"], counts=m["parameters"], data=m["data"],
+        arch=arch, name=ARCHS[arch][1], shipped_format=shipped_format,
+        config=m["config"], s=m["settings"], r=m.get("routing_shipped_heldout", m.get("routing_int8_heldout")),
+        counts=m["parameters"], data=m["data"],
         ev=ev, train=m["train"], ffn_size=m["ffn_size"], command=m["command"], balance_coef=m["balance_coef"],
         z_loss_coef=m["z_loss_coef"], machine=m["machine"], total_wall_s=m["total_wall_s"],
         versions=", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-        results=[("int8 (as shipped, via `load_params`)", ev["int8"]), ("float32 (before quantisation)", ev["float"]),
+        results=[(f"{shipped_format} (as shipped, via `load_params`)", ev["shipped"]),
+                 ("float32 (before quantisation)" if arch == "grok1" else "float32 (before rounding to bfloat16)",
+                  ev["float"]),
                  ("unigram (train-split counts, add-0.5)", ev["unigram"])])
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TrainSettings]:
     d = TrainSettings()
     p = argparse.ArgumentParser(prog="python -m grokscope.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(ASSET_DIR), help="output directory (default: the bundled asset dir)")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="grok1",
+                   help="grok1: grok-tiny (default); grok2: grok2-tiny")
+    p.add_argument("--out", default=None, help="output directory (default: the bundled model's asset dir)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch", type=int, default=d.batch)
@@ -418,18 +440,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     import optax
     import sentencepiece as spm
 
-    from grokscope.checkpoint import load_params, save_params
+    from grokscope.checkpoint import save_params
+    from grokscope.formats import load_params
+    from grokscope.formats.grok2 import save_release
     from grokscope.tokenizer import Tokenizer
+    from grokscope.tokenizer_train import train_tok_json, write_tok_json
 
     t_start = time.time()
     args, settings = _parse(argv)
+    base_config, name = ARCHS[args.arch]
+    if args.out is None:
+        args.out = str(bundled_model_dir(name))
     if args.card_only:
         metrics = json.loads((Path(args.out) / "metrics.json").read_text())
         (Path(args.out) / "README.md").write_text(_card(metrics))
         return 0
     if not 0 < settings.prose_rows < settings.batch:
         raise SystemExit("--prose-rows must be between 1 and --batch - 1")
-    config = dataclasses.replace(GROK_TINY, sequence_len=settings.seq_len)
+    config = dataclasses.replace(base_config, sequence_len=settings.seq_len)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m grokscope.train " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -438,10 +466,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     docs = corpus.load_corpus(args.stdlib)
     info = corpus.manifest(docs)
     (out / "corpus.json").write_text(json.dumps(info, indent=1) + "\n")
-    model_bytes = corpus.train_tokenizer(docs, config.vocab_size)
-    (out / "tokenizer.model").write_bytes(model_bytes)
-    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-    tokenizer = Tokenizer(out / "tokenizer.model")
+    if args.arch == "grok1":
+        model_bytes = corpus.train_tokenizer(docs, config.vocab_size)
+        (out / "tokenizer.model").write_bytes(model_bytes)
+        sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        tokenizer = Tokenizer(out / "tokenizer.model")
+    else:
+        write_tok_json(train_tok_json(corpus.tokenizer_lines(docs), config.vocab_size), out / "tokenizer.tok.json")
+        tokenizer = sp = Tokenizer(out / "tokenizer.tok.json")
     examples = corpus.example_prompts(docs, sp)
     with open(out / "examples.jsonl", "w") as f:
         for e in examples:
@@ -513,18 +545,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     final_window = max(1, settings.steps // 20)
     final_ce = float(np.mean([h["ce"] for h in history if h["step"] > settings.steps - final_window]))
 
-    # Save (int8 where the release has it), reload as shipped, evaluate.
+    # Save as the release does (int8 for Grok-1, bf16 safetensors for Grok-2), reload as shipped, evaluate.
     ckpt = out / "ckpt-0"
     if ckpt.exists():
         shutil.rmtree(ckpt)
+    for old in out.glob("pytorch_model-*.safetensors"):
+        old.unlink()
     float_params = jax.device_get(params)
-    save_params(float_params, out, config)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    if args.arch == "grok1":
+        save_params(float_params, out, config)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    else:
+        save_release(float_params, config, out)
+        (out / "config.json").write_text(json.dumps(config.to_hf(), indent=1) + "\n")
     shipped = load_params(out, config)
 
     ev: dict[str, dict[str, float]] = {}
-    int8_result = None
-    for name, p in (("float", float_params), ("int8", shipped)):
+    shipped_result = None
+    for name, p in (("float", float_params), ("shipped", shipped)):
         result = evaluate(p, config, heldout_all)
         e = {"all": heldout_loss(result)}
         for d in ("code", "prose"):
@@ -532,15 +570,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_eval = evaluate(p, config, np.concatenate([trainsample["code"], trainsample["prose"]]))
         e["train"] = heldout_loss(train_eval)
         ev[name] = e
-        if name == "int8":
-            int8_result = result
+        if name == "shipped":
+            shipped_result = result
         _log(f"{name}: {e}")
     ev["unigram"] = {"all": corpus.unigram_loss(unigram, heldout_all),
                      "code": corpus.unigram_loss(unigram, heldout["code"]),
                      "prose": corpus.unigram_loss(unigram, heldout["prose"]),
                      "train": corpus.unigram_loss(unigram, np.concatenate([trainsample["code"], trainsample["prose"]]))}
     _log(f"unigram: {ev['unigram']}")
-    routing = routing_summary(int8_result, heldout_labels, config.num_experts, seed=settings.seed)
+    routing = routing_summary(shipped_result, heldout_labels, config.num_experts, seed=settings.seed)
     _log(f"routing: load min {routing['load_min']} max {routing['load_max']} fold {routing['max_fold']} "
          f"entropy {routing['entropy']} disagreement {routing['top1_domain_disagreement']}")
 
@@ -548,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     metrics = {
         "command": command,
+        "arch": args.arch,
         "config": config.to_dict(),
         "ffn_size": config.ffn_size,
         "parameters": _param_counts(config),
@@ -563,14 +602,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "final_ce": final_ce, "final_window": final_window, "history": history,
                   "heldout_curve": curve},
         "eval": ev,
-        "criteria": {"int8_vs_unigram_reduction": 1 - ev["int8"]["all"] / ev["unigram"]["all"],
-                     "int8_vs_float_relative": ev["int8"]["all"] / ev["float"]["all"] - 1,
+        "criteria": {"shipped_vs_unigram_reduction": 1 - ev["shipped"]["all"] / ev["unigram"]["all"],
+                     "shipped_vs_float_relative": ev["shipped"]["all"] / ev["float"]["all"] - 1,
                      "min_load": min(routing["load_min"]), "max_fold": max(routing["max_fold"])},
-        "routing_int8_heldout": routing,
+        "routing_shipped_heldout": routing,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, jax backend {jax.default_backend()}",
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": md.version("jaxlib"),
                      "dm-haiku": md.version("dm-haiku"), "optax": optax.__version__,
-                     "numpy": np.__version__, "sentencepiece": md.version("sentencepiece")},
+                     "numpy": np.__version__, "sentencepiece": md.version("sentencepiece"),
+                     "tiktoken": md.version("tiktoken")},
     }
     metrics["total_wall_s"] = time.time() - t_start
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

@@ -14,10 +14,12 @@ def test_grok1_preset_holds_the_release_values():
         "num_experts": 8, "num_selected_experts": 2, "embedding_multiplier_scale": 78.38367176906169,
         "output_multiplier_scale": 0.5773502691896257, "pad_token": 0, "eos_token": 2, "sequence_len": 8192,
         # the architecture as the release's code has it: a 30 tanh cap on attention logits, no
-        # router or final cap, RoPE base 10000, eps 1e-5, tanh GELU, bfloat16 logits
+        # router or final cap, RoPE base 10000, eps 1e-5, tanh GELU, bfloat16 logits and
+        # multipliers, experts only (no dense MLP), tied embeddings, int8 weights
         "attn_logit_softcap": 30.0, "attn_temperature_len": None, "router_logit_softcap": None,
         "final_logit_softcap": None, "rope_theta": 10000.0, "norm_eps": 1e-5, "gelu": "tanh",
-        "logits_dtype": "bfloat16",
+        "logits_dtype": "bfloat16", "multipliers_dtype": "bfloat16", "moe_ffn_size": None,
+        "dense_ffn_size": None, "tied_embeddings": True, "weight_format": "int8",
     }
     assert GROK_1.ffn_size == 32768
 

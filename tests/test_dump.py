@@ -79,22 +79,23 @@ def test_sigkill_mid_run_resumes_to_the_identical_store(tmp_path, tiny_model_dir
 
 def test_failed_write_leaves_the_store_resumable(tmp_path, tiny_model_dir, monkeypatch):
     import grokscope.store as store
+    from grokscope.store import writer
 
     prompts = prompts_file(tmp_path / "p.jsonl", 12)
     kwargs = dict(checkpoint=tiny_model_dir, batch_size=2, max_len=128, progress=False)
     dump(prompts, tmp_path / "reference.zarr", **kwargs)
 
-    real = store.write_batch
+    real = writer.write_batch
 
     def failing(arrays, values, row0, n_valid, *rest):
         if row0 >= 6:
             raise OSError(28, "No space left on device")
         return real(arrays, values, row0, n_valid, *rest)
 
-    monkeypatch.setattr(store, "write_batch", failing)
+    monkeypatch.setattr(writer, "write_batch", failing)
     with pytest.raises(store.StoreError, match="No space left on device.*resumable"):
         dump(prompts, tmp_path / "full.zarr", **kwargs)
-    monkeypatch.setattr(store, "write_batch", real)
+    monkeypatch.setattr(writer, "write_batch", real)
     done = zarr.open_array(str(tmp_path / "full.zarr" / "done"), mode="r")[...]
     assert done[:6].all() and not done[6:].any()
     summary = dump(prompts, tmp_path / "full.zarr", **kwargs)

@@ -19,6 +19,7 @@ import zarr
 
 from grokscope import DumpError, dump, open_store
 from grokscope.cli import main
+from grokscope.store import staging as store_staging
 
 from dumps import assert_same_arrays, prompts_file, store_arrays  # noqa: E402 (tests/dumps.py)
 
@@ -149,8 +150,8 @@ _RACER = textwrap.dedent("""
 
     import importlib
 
-    dump_module = importlib.import_module("grokscope.dump")
-    rename = dump_module._rename_noreplace
+    staging = importlib.import_module("grokscope.store.staging")
+    rename = staging.rename_noreplace
 
     def rendezvous(source, target):
         # both runs have built their whole store in staging before either renames it
@@ -162,7 +163,7 @@ _RACER = textwrap.dedent("""
         return rename(source, target)
 
     if os.environ.get("RACE_DIR"):
-        dump_module._rename_noreplace = rendezvous
+        staging.rename_noreplace = rendezvous
     from grokscope.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -308,7 +309,7 @@ def test_an_existing_empty_directory_is_not_replaced(tmp_path, tiny_model_dir):
     source.mkdir()
     (source / "zarr.json").write_text("{}")
     with pytest.raises(OSError) as caught:
-        dump_module._rename_noreplace(source, out)
+        store_staging.rename_noreplace(source, out)
     assert caught.value.errno == errno.EEXIST
     assert (source / "zarr.json").exists() and not any(out.iterdir())
 

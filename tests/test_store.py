@@ -244,16 +244,17 @@ def test_zarr_outside_the_tested_versions_takes_the_public_path(tmp_path, monkey
     """The fast chunk writer (zarr internals) and zarr's public path write the same store."""
     import zarr as zarr_module
 
-    from grokscope import _zarr_private, dump
+    from grokscope import dump
     from grokscope.session import default_model_dir
+    from grokscope.store import zarr_internals
 
-    assert _zarr_private.SUPPORTED  # the installed zarr is one the fast path was tested with
-    assert _zarr_private._release("3.2.0rc1") == (3, 2, 0) and _zarr_private._release("3.1.6") == (3, 1, 6)
+    assert zarr_internals.SUPPORTED  # the installed zarr is one the fast path was tested with
+    assert zarr_internals._release("3.2.0rc1") == (3, 2, 0) and zarr_internals._release("3.1.6") == (3, 1, 6)
     prompts = default_model_dir() / "examples.jsonl"
     dump(prompts, tmp_path / "fast.zarr", batch_size=16, progress=False)
     calls = []
-    monkeypatch.setattr(_zarr_private, "SUPPORTED", False)
-    monkeypatch.setattr(_zarr_private, "write_pieces", lambda *a: calls.append(a))
+    monkeypatch.setattr(zarr_internals, "SUPPORTED", False)
+    monkeypatch.setattr(zarr_internals, "write_pieces", lambda *a: calls.append(a))
     dump(prompts, tmp_path / "public.zarr", batch_size=16, progress=False)
     assert calls == []
     fast, public = (zarr_module.open_group(str(tmp_path / n), mode="r") for n in ("fast.zarr", "public.zarr"))

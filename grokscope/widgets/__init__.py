@@ -4,6 +4,8 @@
   AttentionExplorer(source)  where each head looks (full, head_mean or topk records)
   ExpertDashboard(source)    load, entropy, co-activation, flow between layers, top tokens, groups
   GenerationView(session)    the model writes; each token appears with its routing
+  AttributionExplorer(source) routed vs dense FFN updates; each chosen expert's direct effect on
+                             the next token's logit
 
 `source` is a `Session` (type a prompt, run it) or a Dataset from `open_store` (pick a
 sequence). `grokscope.widgets.figures` holds the plotly figures the views draw, as plain
@@ -12,8 +14,8 @@ functions of a Dataset; `grokscope.report.write_report` puts them in one offline
 
 import importlib
 
-_VIEWS = {"AttentionExplorer": "attention", "ExpertDashboard": "dashboard", "GenerationView": "generation",
-          "RoutingExplorer": "routing"}
+_VIEWS = {"AttentionExplorer": "attention", "AttributionExplorer": "attribution", "ExpertDashboard": "dashboard",
+          "GenerationView": "generation", "RoutingExplorer": "routing"}
 
 __all__ = list(_VIEWS)
 

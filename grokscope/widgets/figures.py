@@ -368,3 +368,98 @@ def group_figure(ds: xr.Dataset, by: str, layer: int) -> go.Figure:
             height=380, barmode="group", xaxis=dict(title="expert", type="category"),
             yaxis=dict(title="share"), legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
     return fig
+
+
+# Attribution (`grokscope.analysis.attribution`): arrays of one sequence, layer-major [L, T].
+
+__all__ += ["ffn_share_heatmap", "dla_heatmap", "dla_bars", "token_frame"]
+
+
+def token_frame(L: int, position: int | None) -> list[dict]:
+    """A dotted frame around the column of `position` in a layer x token heatmap (none for None)."""
+    if position is None:
+        return []
+    return [dict(type="rect", xref="x", yref="y", x0=position - 0.5, x1=position + 0.5, y0=-0.5, y1=L - 0.5,
+                 line=dict(color="#222", width=2, dash="dot"))]
+
+
+def ffn_share_heatmap(routed_share: np.ndarray, routed_norm: np.ndarray, dense_norm: np.ndarray,
+                      pieces: Sequence[str], layers: Sequence[int], position: int | None = None,
+                      dense: bool = True) -> go.Figure:
+    """Layer x token heatmap of the routed share of each token's FFN output (from
+    `analysis.ffn_shares`): 1 = all routed experts, 0 = all dense MLP. Hover: token, layer,
+    share, and both norms. All arrays are [layer, token]."""
+    L, T = routed_share.shape
+    custom = np.empty((L, T, 4), dtype=object)
+    custom[..., 0] = np.broadcast_to(np.array(pieces, dtype=object), (L, T))
+    custom[..., 1] = np.broadcast_to(np.arange(T), (L, T))
+    custom[..., 2] = np.round(np.asarray(routed_norm, float), 4)
+    custom[..., 3] = np.round(np.asarray(dense_norm, float), 4)
+    fig = go.Figure(go.Heatmap(
+        z=_json_safe(routed_share), x=np.arange(T), y=[str(x) for x in layers], customdata=custom,
+        colorscale="PuOr", zmin=0, zmax=1, zmid=0.5, xgap=1, ygap=1,
+        colorbar=dict(title=dict(text="routed share"), thickness=14),
+        hovertemplate="token %{customdata[0]} (position %{customdata[1]})<br>layer %{y}<br>routed share %{z:.3f}"
+                      "<br>||routed|| %{customdata[2]}, ||dense|| %{customdata[3]}<extra></extra>",
+        name="routed share"))
+    detail = ("routed / (routed + dense) norm of the FFN output" if dense
+              else "no dense MLP in this model: every FFN update is routed")
+    _layout(fig, subtitled("routed share of the FFN output per token and layer", detail),
+            height=max(220, 150 + (28 if L <= 16 else 12) * L), shapes=token_frame(L, position),
+            xaxis=dict(title="token", **_token_axis(pieces)), yaxis=dict(title="layer", type="category"))
+    return fig
+
+
+def dla_heatmap(total: np.ndarray, pieces: Sequence[str], target_pieces: Sequence[str], layers: Sequence[int],
+                position: int | None = None, target: str = "next") -> go.Figure:
+    """Layer x token heatmap of each layer's FFN direct contribution to the target token's
+    pre-cap logit (the chosen experts' `expert_dla` summed over slots, plus `dense_dla`),
+    on a scale centered at 0. `total` is [layer, token]; NaN where a token has no target."""
+    L, T = total.shape
+    custom = np.empty((L, T, 3), dtype=object)
+    custom[..., 0] = np.broadcast_to(np.array(pieces, dtype=object), (L, T))
+    custom[..., 1] = np.broadcast_to(np.arange(T), (L, T))
+    custom[..., 2] = np.broadcast_to(np.array(target_pieces, dtype=object), (L, T))
+    finite = np.abs(total[np.isfinite(total)])
+    top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    fig = go.Figure(go.Heatmap(
+        z=_json_safe(total), x=np.arange(T), y=[str(x) for x in layers], customdata=custom, colorscale="RdBu",
+        zmin=-top, zmax=top, zmid=0, xgap=1, ygap=1, colorbar=dict(title=dict(text="logit"), thickness=14),
+        hovertemplate="token %{customdata[0]} (position %{customdata[1]})<br>layer %{y}<br>"
+                      "target %{customdata[2]}: %{z:.3f}<extra></extra>", name="FFN direct effect"))
+    _layout(fig, subtitled(f"direct effect of each FFN on the {target} token's logit",
+                           "experts + dense MLP, pre-cap logits; click a token to see its experts"),
+            height=max(220, 150 + (28 if L <= 16 else 12) * L), shapes=token_frame(L, position),
+            xaxis=dict(title="token", **_token_axis(pieces)), yaxis=dict(title="layer", type="category"))
+    return fig
+
+
+def dla_bars(expert_dla: np.ndarray, expert_index: np.ndarray, expert_gate: np.ndarray,
+             dense_dla: np.ndarray | None, layers: Sequence[int], num_experts: int, title: str) -> go.Figure:
+    """One token's direct logit attribution per layer: a bar per chosen expert (one trace per
+    slot, each bar in its expert's color and labelled with it) and, when the model has one,
+    a grey bar for the dense MLP. `expert_dla`, `expert_index`, `expert_gate` are [layer,
+    slot]; `dense_dla` [layer] or None."""
+    palette = expert_colours(num_experts)
+    x = [str(v) for v in layers]
+    L, K = expert_dla.shape
+    traces = []
+    for k in range(K):
+        experts = [int(e) for e in expert_index[:, k]]
+        traces.append(go.Bar(
+            x=x, y=_json_safe(expert_dla[:, k]), name=f"slot {k}" + (" (first choice)" if k == 0 else ""),
+            marker=dict(color=[palette[e] if 0 <= e < num_experts else "#ccc" for e in experts],
+                        line=dict(color="#333", width=0.5)),
+            text=[f"e{e}" for e in experts], textposition="outside",
+            customdata=np.stack([np.array(experts, dtype=object),
+                                 np.round(np.asarray(expert_gate[:, k], float), 3).astype(object)], axis=-1),
+            hovertemplate=f"layer %{{x}}, slot {k}: expert %{{customdata[0]}} (gate %{{customdata[1]}})"
+                          "<br>%{y:.4f} logits<extra></extra>"))
+    if dense_dla is not None:
+        traces.append(go.Bar(x=x, y=_json_safe(dense_dla), name="dense MLP", marker_color="#888",
+                             hovertemplate="layer %{x}, dense MLP<br>%{y:.4f} logits<extra></extra>"))
+    fig = go.Figure(traces)
+    _layout(fig, title, height=340, barmode="group", xaxis=dict(title="layer", type="category"),
+            yaxis=dict(title="direct effect (logits)", zeroline=True, zerolinecolor="#444"),
+            legend=dict(orientation="h", yanchor="bottom", y=1.0, x=1, xanchor="right"))
+    return fig
