@@ -2,10 +2,11 @@
 
 The store writer (`grokscope.store.writer.write_batch`) encodes whole chunks itself and
 stores them directly (`write_pieces`: the bytes zarr's own pipeline would write, about twice
-as fast), and `check_store` reads raw keys and array metadata; both need zarr internals (`zarr.core.sync`, `zarr.core.buffer`,
-`zarr.core.metadata.v3`, `Array._async_array`). They were tested with the zarr versions in
-`TESTED`; with any other version `SUPPORTED` is False and the writer takes zarr's public
-path instead (`pyproject.toml` keeps installs within the tested range).
+as fast), and `check_store` reads raw keys and array metadata; both need zarr internals
+(`zarr.core.sync`, `zarr.core.buffer`, `zarr.core.metadata.v3`, `Array._async_array`). They
+were tested with the zarr versions in `TESTED`; with any other version `SUPPORTED` is False
+and the writer takes zarr's public path instead (`pyproject.toml` keeps installs within the
+tested range).
 """
 
 from __future__ import annotations
