@@ -193,10 +193,12 @@ def cmd_dump(args) -> int:
                 raise ValueError(f"--mesh {args.mesh}: a job over {jax.process_count()} processes uses all "
                                  f"{available} of its devices, the mesh has {wanted}")
             mesh = make_mesh(*shape)
+        if args.model is not None and args.checkpoint is not None:
+            raise ValueError("--model and --checkpoint: give one (a bundled model's name or a checkpoint directory)")
         summary = dump(args.prompts, args.out, checkpoint=args.checkpoint, tokenizer=args.tokenizer,
                        config=args.config, record=record, batch_size=args.batch_size, max_len=args.max_len,
                        truncate=args.truncate, compute_dtype=args.compute_dtype, mesh=mesh,
-                       progress=not args.quiet)
+                       progress=not args.quiet, model=args.model, quantize=args.quantize)
     except TokenizerError as e:
         print(f"error: {'--tokenizer ' if args.tokenizer else ''}{_error_line(e)}", file=sys.stderr)
         return 1
@@ -333,8 +335,13 @@ def cli() -> None:
           "record routing (and attention, residuals) for a prompt file into a zarr store")
 @click.option("--prompts", required=True, help='.txt (a prompt per line) or .jsonl ({"text": ..., "label": ...})')
 @click.option("--out", required=True, help="the store, e.g. activations/NAME.zarr (an unfinished one resumes)")
-@click.option("--checkpoint", help="directory holding ckpt-0/ (default: the bundled model)")
-@click.option("--tokenizer", help="SentencePiece model (default: CHECKPOINT/tokenizer.model)")
+@click.option("--checkpoint", help="checkpoint directory: Grok-1's (holding ckpt-0/) or Grok-2's safetensors "
+                                   "(default: the bundled model)")
+@click.option("--model", help="a bundled model instead of --checkpoint: grok-tiny (the default) or grok2-tiny")
+@click.option("--tokenizer", help="tokenizer.model (SentencePiece) or tokenizer.tok.json "
+                                  "(default: the one in the checkpoint directory)")
+@click.option("--quantize", type=click.Choice(["int8"]),
+              help="quantize a bfloat16 (Grok-2) checkpoint's matmul weights to int8 as they load")
 @click.option("--config", help="preset or JSON (default: CHECKPOINT/config.json)")
 @click.option("--record", default="routing", show_default=True,
               help="what to record, e.g. routing,attention:layers=0-3:heads=all:format=topk:k=16,"

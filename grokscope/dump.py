@@ -181,10 +181,13 @@ class _Progress:
         self._bar.close()
 
 
-def _identity(model, record, prompts_path, prompts_sha256, batch_size, max_len, truncate, compute_dtype) -> dict:
+def _identity(model, record, prompts_path, prompts_sha256, batch_size, max_len, truncate, compute_dtype,
+              quantize=None) -> dict:
     """What must match for a store to be resumed (and is kept as provenance). `batch_size` is
-    the effective one; `prompts_sha256` hashes the bytes the prompts were read from."""
-    return {
+    the effective one; `prompts_sha256` hashes the bytes the prompts were read from; `quantize`
+    ("int8": weights quantized as they loaded) is kept only when set."""
+    quantized = {} if quantize is None else {"quantize": quantize}
+    return {**quantized,
         "model_config": model.config.to_dict(),
         "checkpoint": model.checkpoint_identity,
         "tokenizer": model.tokenizer.identity(),
@@ -194,7 +197,7 @@ def _identity(model, record, prompts_path, prompts_sha256, batch_size, max_len, 
     }
 
 
-_COMPARED = ("model_config", "record_spec", "tokenizer", "max_len", "truncate", "compute_dtype")
+_COMPARED = ("model_config", "record_spec", "tokenizer", "max_len", "truncate", "compute_dtype", "quantize")
 
 
 def _as_compared(key: str, value):
@@ -213,8 +216,8 @@ def _as_compared(key: str, value):
 def _differences(stored: dict, wanted: dict, num_sequences: int) -> list[str]:
     out = []
     for key in _COMPARED:
-        if _as_compared(key, stored.get(key)) != _as_compared(key, wanted[key]):
-            out.append(f"{key}: store has {stored.get(key)!r}, this run has {wanted[key]!r}")
+        if _as_compared(key, stored.get(key)) != _as_compared(key, wanted.get(key)):
+            out.append(f"{key}: store has {stored.get(key)!r}, this run has {wanted.get(key)!r}")
     # Any batch size of at least the prompt count makes the same single batch.
     batch = stored.get("batch_size")
     if not isinstance(batch, int) or min(batch, num_sequences) != min(wanted["batch_size"], num_sequences):
@@ -307,7 +310,8 @@ def _check_checkpoint_content(stored: dict, model, out: Path, work_left: bool) -
 def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | None = None,
          tokenizer: str | Path | None = None, config=None, record: RecordSpec = RecordSpec(),
          batch_size: int = 8, max_len: int | None = None, truncate: str | None = None,
-         compute_dtype: str = "float32", mesh=None, progress: bool = True, model=None) -> DumpSummary:
+         compute_dtype: str = "float32", mesh=None, progress: bool = True, model=None,
+         quantize: str | None = None) -> DumpSummary:
     """Dumps the recorded activations of every prompt in `prompts_file` into the store `out`.
 
     Args:
@@ -325,7 +329,10 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
         data = processes, model = each process's devices); each process writes the rows its
         devices hold, process 0 creates the store and marks it complete.
       progress: show a progress line on stderr.
-      model: an already loaded `LoadedModel` (instead of checkpoint/tokenizer/config).
+      model: a bundled model's name (`grokscope.session.BUNDLED_MODELS`, e.g. "grok2-tiny"), or
+        an already loaded `LoadedModel` (instead of checkpoint/tokenizer/config).
+      quantize: "int8" quantizes a bfloat16 (Grok-2) checkpoint's matmul weights as they load
+        (recorded in the store; a resume must use the same).
 
     Returns:
       A DumpSummary (printable).
@@ -338,7 +345,7 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
     """
     from grokscope import distributed
     from grokscope.runner import bucket_length
-    from grokscope.session import load_model, resolve_model
+    from grokscope.session import LoadedModel, load_model, resolve_model
 
     t0 = time.perf_counter()
     multi = jax.process_count() > 1
@@ -357,7 +364,12 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
         print(f"skipped {blank} blank line{'s' if blank > 1 else ''} in {prompts_file}", file=sys.stderr)
     if not multi:
         batch_size = min(batch_size, len(prompts))  # never a batch of padding rows beyond the prompts
-    described = model or resolve_model(checkpoint, tokenizer, config)  # parameters not loaded yet
+    if quantize not in (None, "int8"):
+        raise DumpError(f"quantize: expected None or 'int8', got {quantize!r}")
+    if isinstance(model, LoadedModel):
+        described = model
+    else:  # parameters not loaded yet
+        described = resolve_model(checkpoint, tokenizer, config, model=model)
     config = described.config
     max_len = config.sequence_len if max_len is None else max_len
     if max_len > config.sequence_len:
@@ -366,7 +378,7 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
                          [p.line for p in prompts], str(prompts_file))
     record.resolved(config)  # validates layer/head selections against the model
     identity = _identity(described, record, prompts_file, prompts_sha256, batch_size, max_len, truncate,
-                         compute_dtype)
+                         compute_dtype, quantize if not described.params else described.quantize)
     # Rows of each batch this process writes (None: all), and the store's chunk along
     # `sequence`: it divides every process's row block, so no two processes share a chunk.
     owned, chunk_rows = None, batch_size
@@ -393,7 +405,7 @@ def dump(prompts_file: str | Path, out: str | Path, *, checkpoint: str | Path | 
             _check_chunks(group, chunk_rows, multi, out)
         if leader:
             remove_stale_staging(out)
-        model = described if described.params else load_model(mesh=mesh, resolved=described)
+        model = described if described.params else load_model(mesh=mesh, resolved=described, quantize=quantize)
         if not existed and leader:
             attrs = {"grokscope": {"version": __version__, "schema": 1}, **identity,
                      "checkpoint_content": _checkpoint_content(model), "created": _now(), "finished": None,

@@ -35,7 +35,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.tok.json")
 def bundled_model_dir(name: str = BUNDLED) -> Path:
     """The directory of a bundled model (`BUNDLED_MODELS`)."""
     if name not in BUNDLED_MODELS:
-        raise ValueError(f"model {name!r}: expected one of the bundled models {', '.join(BUNDLED_MODELS)}")
+        raise ValueError(f"--model {name!r}: expected one of the bundled models {', '.join(BUNDLED_MODELS)}")
     return Path(__file__).resolve().parent / "assets" / name
 
 
