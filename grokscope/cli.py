@@ -414,13 +414,56 @@ def _demo_options():
     pass
 
 
-@cli.command("train-tiny", help="train the bundled grok-tiny model (python -m grokscope.train --help)",
-             context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
-@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
-def _train_tiny(train_args) -> int:
-    from grokscope.train import main as train_main
+def cmd_train_tiny(args) -> int:
+    from grokscope.train import TrainSettings, main as train_main
 
-    return train_main(list(train_args))
+    if args.steps < 1 or args.batch < 2 or args.seq_len < 2:
+        print(f"error: --steps, --batch, --seq-len: expected >= 1, >= 2, >= 2, got {args.steps}, {args.batch}, "
+              f"{args.seq_len}", file=sys.stderr)
+        return 2
+    settings = TrainSettings(steps=args.steps, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+                             peak_lr=args.lr, warmup_steps=args.warmup, prose_rows=args.prose_rows,
+                             eval_tokens=args.eval_tokens, eval_every=args.eval_every)
+    try:
+        return train_main(args.arch, args.out, settings, args.stdlib, not args.no_size_check, args.card_only,
+                          command="grokscope train-tiny " + " ".join(sys.argv[2:]))
+    except (ValueError, OSError) as e:
+        print(f"error: {_error_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _train_default(field: str):
+    """The shipped run's value of a TrainSettings field, read when the command runs (importing
+    grokscope.train loads jax, which every other command's start would pay for)."""
+    def default():
+        from grokscope.train import TrainSettings
+
+        return getattr(TrainSettings(), field)
+
+    return default
+
+
+@_command(cli, "train-tiny", cmd_train_tiny,
+          "train a bundled small model: grok-tiny (--arch grok1, the default) or grok2-tiny (--arch grok2); "
+          "every default is the shipped run's setting")
+@click.option("--arch", type=click.Choice(["grok1", "grok2"]), default="grok1", show_default=True,
+              help="grok1: grok-tiny; grok2: grok2-tiny")
+@click.option("--out", help="output directory (default: the bundled model's asset directory)")
+@click.option("--steps", type=int, default=_train_default("steps"))
+@click.option("--seed", type=int, default=_train_default("seed"))
+@click.option("--batch", type=int, default=_train_default("batch"))
+@click.option("--seq-len", type=int, default=_train_default("seq_len"))
+@click.option("--prose-rows", type=int, default=_train_default("prose_rows"), help="prose windows per batch")
+@click.option("--lr", type=float, default=_train_default("peak_lr"), help="peak learning rate")
+@click.option("--warmup", type=int, default=_train_default("warmup_steps"))
+@click.option("--eval-tokens", type=int, default=_train_default("eval_tokens"),
+              help="held-out tokens per domain")
+@click.option("--eval-every", type=int, default=_train_default("eval_every"))
+@click.option("--stdlib", help="standard library to read (default: this interpreter's)")
+@click.option("--no-size-check", is_flag=True, help="allow an output over the 10 MB budget")
+@click.option("--card-only", is_flag=True, help="only re-render OUT/README.md from OUT/metrics.json (no training)")
+def _train_options():
+    pass
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,6 @@ from `numpy.random.default_rng(seed)`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -409,34 +408,20 @@ def _card(m: dict) -> str:
                  ("unigram (train-split counts, add-0.5)", ev["unigram"])])
 
 
-def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, TrainSettings]:
-    d = TrainSettings()
-    p = argparse.ArgumentParser(prog="python -m grokscope.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=sorted(ARCHS), default="grok1",
-                   help="grok1: grok-tiny (default); grok2: grok2-tiny")
-    p.add_argument("--out", default=None, help="output directory (default: the bundled model's asset dir)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--prose-rows", type=int, default=d.prose_rows, help="prose windows per batch")
-    p.add_argument("--lr", type=float, default=d.peak_lr, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=d.warmup_steps)
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens per domain")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--stdlib", default=None, help="standard library to read (default: this interpreter's)")
-    p.add_argument("--no-size-check", action="store_true", help="allow an output over the 10 MB budget")
-    p.add_argument("--card-only", action="store_true",
-                   help="only re-render OUT/README.md from OUT/metrics.json (no training)")
-    a = p.parse_args(argv)
-    settings = TrainSettings(steps=a.steps, batch=a.batch, seq_len=a.seq_len, seed=a.seed, peak_lr=a.lr,
-                             warmup_steps=a.warmup, prose_rows=a.prose_rows, eval_tokens=a.eval_tokens,
-                             eval_every=a.eval_every)
-    return a, settings
+def main(arch: str = "grok1", out: str | os.PathLike | None = None, settings: TrainSettings = TrainSettings(),
+         stdlib: str | None = None, size_check: bool = True, card_only: bool = False,
+         command: str | None = None) -> int:
+    """Trains a bundled model and writes its bundle; see the module docstring.
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Trains grok-tiny and writes the bundle; see the module docstring."""
+    Args:
+      arch: "grok1" (grok-tiny) or "grok2" (grok2-tiny).
+      out: the output directory (default: the bundled model's asset directory).
+      settings: the run's settings (default: the shipped run's).
+      stdlib: the standard library to read (default: this interpreter's).
+      size_check: refuse an output over the 10 MB budget.
+      card_only: only re-render OUT/README.md from OUT/metrics.json (no training).
+      command: the command line recorded in the metrics and the model card.
+    """
     import optax
     import sentencepiece as spm
 
@@ -447,26 +432,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from grokscope.tokenizer_train import train_tok_json, write_tok_json
 
     t_start = time.time()
-    args, settings = _parse(argv)
-    base_config, name = ARCHS[args.arch]
-    if args.out is None:
-        args.out = str(bundled_model_dir(name))
-    if args.card_only:
-        metrics = json.loads((Path(args.out) / "metrics.json").read_text())
-        (Path(args.out) / "README.md").write_text(_card(metrics))
+    if arch not in ARCHS:
+        raise ValueError(f"--arch: expected one of {sorted(ARCHS)}, got {arch!r}")
+    base_config, name = ARCHS[arch]
+    out = Path(out) if out is not None else bundled_model_dir(name)
+    if card_only:
+        metrics = json.loads((out / "metrics.json").read_text())
+        (out / "README.md").write_text(_card(metrics))
         return 0
     if not 0 < settings.prose_rows < settings.batch:
-        raise SystemExit("--prose-rows must be between 1 and --batch - 1")
+        raise ValueError(f"--prose-rows: expected between 1 and --batch - 1 ({settings.batch - 1}), "
+                         f"got {settings.prose_rows}")
     config = dataclasses.replace(base_config, sequence_len=settings.seq_len)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m grokscope.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command or "grokscope train-tiny " + " ".join(sys.argv[2:])
 
     # Corpus, tokenizer, examples.
-    docs = corpus.load_corpus(args.stdlib)
+    docs = corpus.load_corpus(stdlib)
     info = corpus.manifest(docs)
     (out / "corpus.json").write_text(json.dumps(info, indent=1) + "\n")
-    if args.arch == "grok1":
+    if arch == "grok1":
         model_bytes = corpus.train_tokenizer(docs, config.vocab_size)
         (out / "tokenizer.model").write_bytes(model_bytes)
         sp = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -552,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for old in out.glob("pytorch_model-*.safetensors"):
         old.unlink()
     float_params = jax.device_get(params)
-    if args.arch == "grok1":
+    if arch == "grok1":
         save_params(float_params, out, config)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
     else:
@@ -586,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     metrics = {
         "command": command,
-        "arch": args.arch,
+        "arch": arch,
         "config": config.to_dict(),
         "ffn_size": config.ffn_size,
         "parameters": _param_counts(config),
@@ -595,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "z_loss_coef": Z_LOSS_COEF,
         "data": {"heldout_rule": info["heldout_rule"], "summary": info["summary"], "tokens": token_counts,
                  "corpus_sha256": info["corpus_sha256"], "python": platform.python_version(),
-                 "stdlib": str(args.stdlib or corpus.stdlib_dir()), "tokenizer_sha256": tokenizer.sha256,
+                 "stdlib": str(stdlib or corpus.stdlib_dir()), "tokenizer_sha256": tokenizer.sha256,
                  "examples": len(examples)},
         "train": {"wall_s": wall, "step_s": step_s, "compile_s": t_after_compile - t_train,
                   "tokens_seen": settings.steps * settings.batch * settings.seq_len,
@@ -617,10 +602,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "README.md").write_text(_card(metrics))
     size = _dir_bytes(out)
     _log(f"wrote {out} ({size:,} bytes); criteria {metrics['criteria']}")
-    if size > SIZE_BUDGET_BYTES and not args.no_size_check:
-        raise SystemExit(f"{out}: {size:,} bytes, over the {SIZE_BUDGET_BYTES:,}-byte budget")
+    if size > SIZE_BUDGET_BYTES and size_check:
+        raise ValueError(f"{out}: {size:,} bytes, over the {SIZE_BUDGET_BYTES:,}-byte budget (--no-size-check allows it)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from grokscope.cli import main as cli_main
+
+    sys.exit(cli_main(["train-tiny", *sys.argv[1:]]))
