@@ -1,16 +1,19 @@
-"""grokscope: an interpretability workbench for Grok-1's mixture-of-experts routing.
+"""grokscope: an interpretability workbench for the open Grok models' mixture-of-experts routing.
 
 The public API:
-  ModelConfig, GROK_1       model hyper-parameters (official field names) and the release's values
+  ModelConfig, GROK_1, GROK_2  model hyper-parameters and the releases' values; load_config(file)
+                            reads Grok-1's official config or Grok-2's Hugging Face config.json
   RecordSpec                what the forward records besides logits
   param_shapes(config)      {path: (shape, dtype)} of every checkpoint tensor, in checkpoint order
   make_mesh(data, model)    a ("data", "model") device mesh
-  load_params(dir, config)  the release's ckpt-0 layout, validated, placed on a mesh
+  load_params(dir, config)  a release's checkpoint (Grok-1's ckpt-0/, Grok-2's safetensors), validated,
+                            placed on a mesh
   forward(params, config, tokens, record, mesh)  -> .logits, .record
   Session                   a loaded model; session.run(text) -> xarray.Dataset
   dump(prompts, out, ...)   prompts -> zarr store (resumable); open_store(path_or_url) -> xarray.Dataset
   verify_store(path_or_url, deep=False)  the problems of a damaged store, each naming its array and chunk
-  interventions             ban / zero / force / swap / renormalize / ablate_head, for forward(..., interventions=)
+  interventions             ban / zero / force / swap / renormalize / ablate_head / zero_dense, for
+                            forward(..., interventions=)
   effects(session, prompts, interventions)  per-position change of loss, KL, top-1 and routing
 """
 
@@ -23,8 +26,8 @@ from grokscope._version import __version__
 # Where each public name lives; a name's module is imported on first use, so that importing
 # one part (e.g. `grokscope.report`, `grokscope.store`) does not load the model.
 _EXPORTS = {
-    "CheckpointError": "checkpoint", "load_params": "checkpoint", "save_params": "checkpoint",
-    "GROK_1": "config", "GROK_TINY": "config", "PRESETS": "config", "SMALL": "config", "TINY": "config",
+    "CheckpointError": "checkpoint", "load_params": "formats", "save_params": "checkpoint",
+    "GROK_1": "config", "GROK_2": "config", "GROK_TINY": "config", "GROK2_TINY": "config", "PRESETS": "config", "SMALL": "config", "TINY": "config",
     "ModelConfig": "config", "load_config": "config",
     "ForwardOutput": "runner", "forward": "runner", "init_params": "forward", "make_forward": "forward",
     "param_shapes": "layout",
@@ -70,7 +73,7 @@ def __dir__():
 __all__ = [
     "AttentionSpec", "DumpError", "Session", "StoreError", "dump", "effects", "effects_baseline", "interventions", "open_store",
     "token_pieces", "verify_store",
-    "CheckpointError", "ForwardOutput", "GROK_1", "GROK_TINY", "ModelConfig", "PRESETS", "QuantizedWeight8bit",
+    "CheckpointError", "ForwardOutput", "GROK_1", "GROK_2", "GROK_TINY", "GROK2_TINY", "ModelConfig", "PRESETS", "QuantizedWeight8bit",
     "RecordSpec", "SMALL", "TINY", "Tokenizer", "forward", "init_params", "load_config",
     "load_params", "make_forward", "make_mesh", "param_shapes", "save_params",
 ]
