@@ -606,8 +606,3 @@ def main(arch: str = "grok1", out: str | os.PathLike | None = None, settings: Tr
         raise ValueError(f"{out}: {size:,} bytes, over the {SIZE_BUDGET_BYTES:,}-byte budget (--no-size-check allows it)")
     return 0
 
-
-if __name__ == "__main__":
-    from grokscope.cli import main as cli_main
-
-    sys.exit(cli_main(["train-tiny", *sys.argv[1:]]))

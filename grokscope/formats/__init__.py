@@ -52,8 +52,7 @@ def load_params(directory: str | os.PathLike, config, mesh=None, quantize: str |
         from grokscope.formats.grok2 import load_params as load_grok2
 
         return load_grok2(directory, config, mesh=mesh, quantize=quantize, digests=digests, **options)
-    raise FileNotFoundError(f"{directory}: no checkpoint (expected a ckpt-0/ directory of Grok-1 tensor files, or "
-                            f"Grok-2 safetensors: pytorch_model-*-TP-*.safetensors or model*.safetensors)")
+    raise _no_checkpoint(directory)
 
 
 def checkpoint_identity(directory: str | os.PathLike) -> dict[str, Any]:
@@ -70,4 +69,11 @@ def checkpoint_identity(directory: str | os.PathLike) -> dict[str, Any]:
         return {"path": str(Path(directory).resolve()), "num_files": len(entries),
                 "total_bytes": sum(size for _, size in entries),
                 "index_sha256": hashlib.sha256(repr(entries).encode()).hexdigest(), "format": "grok2"}
-    raise FileNotFoundError(f"{directory}: no checkpoint (expected ckpt-0/ or Grok-2 safetensors)")
+    raise _no_checkpoint(directory)
+
+
+def _no_checkpoint(directory):
+    from grokscope.checkpoint import CheckpointError
+
+    return CheckpointError(f"{directory}: no checkpoint: no ckpt-0/ directory (Grok-1's tensor files) and no Grok-2 "
+                           f"safetensors (pytorch_model-*-TP-*.safetensors or model*.safetensors)")

@@ -38,7 +38,8 @@ import numpy as np
 import xxhash
 
 from grokscope.checkpoint import CheckpointError
-from grokscope.formats.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor, write_file
+from grokscope.formats.safetensors_io import (SafetensorsError, TensorInfo, aligned_empty, read_header, read_tensor,
+                                              write_file)
 from grokscope.layout import param_layout
 from grokscope.quant import QuantizedWeight8bit, quantize
 
@@ -231,12 +232,17 @@ def _split_dim(shape, infos) -> int | None:
 
 def _assemble(names: list[str], sources: dict[str, Source], pieces: dict[str, list[TensorInfo]], spec,
               hasher) -> np.ndarray:
-    """One grokscope parameter built from its Hugging Face tensors, in `spec.dtype` (bfloat16)."""
-    out = np.empty(spec.shape, spec.dtype)
+    """One grokscope parameter built from its Hugging Face tensors, in `spec.dtype` (bfloat16), in
+    page-aligned memory that placing it on a CPU device shares instead of copying."""
+    out = aligned_empty(spec.shape, spec.dtype)
     for name in names:
         source = sources[name]
         dest = out if source.expert is None else out[source.expert]
         infos = pieces[name]
+        if (len(infos) == 1 and not source.transpose and source.expert is None
+                and infos[0].dtype == out.dtype and infos[0].shape == out.shape):
+            read_tensor(infos[0], hasher, out=out)  # straight into place: no second copy
+            continue
         split = 0 if len(infos) == 1 else _split_dim(source.shape, infos)
         offset = 0
         for info in infos:
@@ -256,8 +262,8 @@ def quantize_int8(value: np.ndarray, scale_blocks: int, columns: int = 4096) -> 
     """`grokscope.quant.quantize` of a [..., in, out] weight, done an expert and a block of
     output columns at a time, so the float32 temporaries stay small."""
     *lead, n_in, n_out = value.shape
-    weight = np.empty(value.shape, np.int8)
-    scales = np.empty((*lead, scale_blocks, n_out), ml_dtypes.bfloat16)
+    weight = aligned_empty(value.shape, np.int8)
+    scales = aligned_empty((*lead, scale_blocks, n_out), ml_dtypes.bfloat16)
     for index in np.ndindex(*lead):
         for c in range(0, n_out, columns):
             q = quantize(value[index][:, c:c + columns], scale_blocks)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from pathlib import Path
 from typing import Mapping, NamedTuple
@@ -19,7 +20,7 @@ from typing import Mapping, NamedTuple
 import ml_dtypes
 import numpy as np
 
-__all__ = ["SafetensorsError", "TensorInfo", "read_header", "read_tensor", "write_file", "DTYPES"]
+__all__ = ["SafetensorsError", "TensorInfo", "read_header", "read_tensor", "write_file", "aligned_empty", "DTYPES"]
 
 DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
@@ -108,9 +109,25 @@ def read_header(file: str | os.PathLike) -> dict[str, TensorInfo]:
     return {t.name: t for t in tensors}
 
 
-def read_tensor(info: TensorInfo, hasher=None) -> np.ndarray:
-    """Reads one tensor into a new array; `hasher` (e.g. an xxhash object) sees its raw bytes."""
-    out = np.empty(info.shape, info.dtype)
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialized array in fresh page-aligned memory (an anonymous mmap).
+
+    numpy's own large buffers start 16 bytes past a page boundary, and XLA's CPU backend copies
+    a host buffer that is not 64-byte aligned when it is placed, so the tensor would be held
+    twice while it is placed; this one is shared instead (and never written after placing).
+    """
+    dtype = np.dtype(dtype)
+    n = math.prod(shape) * dtype.itemsize
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8, count=n).view(dtype).reshape(shape)
+
+
+def read_tensor(info: TensorInfo, hasher=None, out: np.ndarray | None = None) -> np.ndarray:
+    """Reads one tensor into a new array (or into `out`, a C-contiguous array of its shape and
+    dtype); `hasher` (e.g. an xxhash object) sees its raw bytes."""
+    if out is None:
+        out = np.empty(info.shape, info.dtype)
+    elif out.shape != info.shape or out.dtype != info.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"read_tensor: out must be a C-contiguous {info.dtype} array of shape {info.shape}")
     view = memoryview(out.reshape(-1).view(np.uint8))
     try:
         with open(info.file, "rb") as f:
