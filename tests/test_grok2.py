@@ -276,3 +276,36 @@ def test_release_names_cover_every_parameter_once():
         covered.setdefault(source.param, set()).add(source.expert)
     assert set(covered) == set(param_layout(config))
     assert covered["transformer/decoder_layer_0/moe/linear/w"] == set(range(8))
+
+
+def test_routing_interventions_apply_to_grok2(g2):
+    config, params, ref, tokens = g2
+    from grokscope.interventions import force
+
+    spec = RecordSpec(routing=True)
+    banned = gs.forward(params, config, tokens, record=spec, interventions=(gs.interventions.ban(3),))
+    assert not (np.asarray(banned.record["expert_index"]) == 3).any()
+    forced = gs.forward(params, config, tokens, record=spec, interventions=(force([5, 1], layer=1),))
+    np.testing.assert_array_equal(np.asarray(forced.record["expert_index"])[:, :, 1], np.broadcast_to([5, 1], (5, 17, 2)))
+
+
+# --- the bundled grok2-tiny -------------------------------------------------------------------
+
+def test_bundled_grok2_tiny_runs_and_dumps(tmp_path):
+    from grokscope.cli import main as cli
+    from grokscope.session import bundled_model_dir
+
+    directory = bundled_model_dir("grok2-tiny")
+    assert detect_format(directory) == "grok2"
+    session = gs.Session(model="grok2-tiny")
+    assert session.config == load_config(str(directory / "config.json")) and session.config.has_dense_mlp
+    ds = session.run(["def add(a, b):\n    return a + b"], record=RecordSpec(routing=True, expert_outputs=(0,)))
+    assert ds.sizes["layer"] == 4 and "mlp_output" in ds
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The cat sat on the mat.\nimport os\n")
+    assert cli(["dump", "--prompts", str(prompts), "--out", str(tmp_path / "out.zarr"), "--model", "grok2-tiny",
+                "--quiet"]) == 0
+    stored = gs.open_store(str(tmp_path / "out.zarr"))
+    assert stored.attrs["tokenizer"]["format"] == "tiktoken-json"
+    np.testing.assert_array_equal(stored["tokens"].values[0, :int(stored["length"][0])],
+                                  session.tokenizer.encode("The cat sat on the mat."))
