@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 EXPECTED = ["01_quickstart.ipynb", "02_attention.ipynb", "03_batch_dump_and_analysis.ipynb",
             "04_grok1_on_a_gpu_cluster.ipynb",
-            "05_interventions.ipynb"]
+            "05_interventions.ipynb", "06_grok2.ipynb"]
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _DISPLAY = ("display_data", "execute_result")
 
