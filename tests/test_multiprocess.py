@@ -18,7 +18,16 @@ from grokscope.session import default_model_dir
 
 pytestmark = pytest.mark.slow  # minutes: `pytest -m 'not slow'` leaves them out while iterating
 
-PROMPTS = default_model_dir() / "examples.jsonl"
+EXAMPLES = default_model_dir() / "examples.jsonl"
+PROMPTS_KEPT = 24  # six batches of 4: enough for a kill to land mid-run, and half the run time of all 48
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    """The first 24 of the bundled examples (code and prose), as a prompts file."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(EXAMPLES.read_text().splitlines(keepends=True)[:PROMPTS_KEPT]))
+    return path
 
 
 def _free_port() -> int:
@@ -27,18 +36,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(out: Path, port: int, process_id: int, batch_size: int, log: Path, extra=()) -> subprocess.Popen:
+def _start(out: Path, port: int, process_id: int, batch_size: int, log: Path, extra=(),
+           prompts: Path = EXAMPLES) -> subprocess.Popen:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "grokscope.cli", "dump", "--prompts", str(PROMPTS), "--out", str(out),
+    command = [sys.executable, "-m", "grokscope.cli", "dump", "--prompts", str(prompts), "--out", str(out),
                "--batch-size", str(batch_size), "--mesh", "2x4", "--quiet", "--coordinator", f"127.0.0.1:{port}",
                "--num-processes", "2", "--process-id", str(process_id), "--coordinator-timeout", "60", *extra]
     with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _run_job(out: Path, batch_size: int, logs: Path) -> None:
+def _run_job(out: Path, batch_size: int, logs: Path, prompts: Path) -> None:
     port = _free_port()
-    procs = [_start(out, port, i, batch_size, logs / f"process{i}.log") for i in range(2)]
+    procs = [_start(out, port, i, batch_size, logs / f"process{i}.log", prompts=prompts) for i in range(2)]
     for i, p in enumerate(procs):
         assert p.wait(timeout=300) == 0, (logs / f"process{i}.log").read_text()[-3000:]
 
@@ -58,25 +68,25 @@ def _assert_same_store(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single(tmp_path_factory, prompts):
     """The same prompts, one process over 8 devices with the same (2, 4) mesh."""
     out = tmp_path_factory.mktemp("single") / "s.zarr"
-    dump(PROMPTS, out, batch_size=4, mesh=make_mesh(2, 4), progress=False)
+    dump(prompts, out, batch_size=4, mesh=make_mesh(2, 4), progress=False)
     return out
 
 
-def test_two_processes_write_the_single_process_store(tmp_path, single):
+def test_two_processes_write_the_single_process_store(tmp_path, single, prompts):
     out = tmp_path / "multi.zarr"
-    _run_job(out, 4, tmp_path)
+    _run_job(out, 4, tmp_path, prompts)
     _assert_same_store(out, single)
     # each process wrote only its own rows: chunks along `sequence` are half a batch
     assert zarr.open_group(str(out), mode="r")["done"].chunks == (2,)
 
 
-def test_a_killed_process_resumes_to_the_identical_store(tmp_path, single):
+def test_a_killed_process_resumes_to_the_identical_store(tmp_path, single, prompts):
     out = tmp_path / "killed.zarr"
     port = _free_port()
-    procs = [_start(out, port, i, 4, tmp_path / f"first{i}.log") for i in range(2)]
+    procs = [_start(out, port, i, 4, tmp_path / f"first{i}.log", prompts=prompts) for i in range(2)]
     deadline = time.monotonic() + 240
     while True:  # until some, not all, sequences are written
         assert time.monotonic() < deadline, (tmp_path / "first0.log").read_text()[-3000:]
@@ -92,13 +102,13 @@ def test_a_killed_process_resumes_to_the_identical_store(tmp_path, single):
     os.killpg(procs[0].pid, signal.SIGKILL)  # process 0 is left waiting on it: the job is gone
     procs[0].wait()
     assert zarr.open_group(str(out), mode="r").attrs["status"] == "in_progress"
-    _run_job(out, 4, tmp_path)  # the same command again, both processes
+    _run_job(out, 4, tmp_path, prompts)  # the same command again, both processes
     _assert_same_store(out, single)
 
 
 def test_bad_coordination_input_is_named(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    base = [sys.executable, "-m", "grokscope.cli", "dump", "--prompts", str(PROMPTS), "--out", str(tmp_path / "x.zarr")]
+    base = [sys.executable, "-m", "grokscope.cli", "dump", "--prompts", str(EXAMPLES), "--out", str(tmp_path / "x.zarr")]
     r = subprocess.run(base + ["--coordinator", "127.0.0.1:1"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "go together" in r.stderr
     r = subprocess.run(base + ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], env=env,
@@ -112,16 +122,17 @@ def test_bad_coordination_input_is_named(tmp_path):
     assert not (tmp_path / "x.zarr").exists()
 
 
-def test_mismatched_process_counts_are_named_and_leave_the_store_resumable(tmp_path, single):
+def test_mismatched_process_counts_are_named_and_leave_the_store_resumable(tmp_path, single, prompts):
     out = tmp_path / "mismatch.zarr"
     port = _free_port()
-    leader = _start(out, port, 0, 4, tmp_path / "m0.log")
-    follower = _start(out, port, 1, 4, tmp_path / "m1.log", extra=["--num-processes", "3"])  # the last one wins
+    leader = _start(out, port, 0, 4, tmp_path / "m0.log", prompts=prompts)
+    follower = _start(out, port, 1, 4, tmp_path / "m1.log", extra=["--num-processes", "3"],
+                      prompts=prompts)  # the last one wins
     assert follower.wait(timeout=180) == 1
     log = (tmp_path / "m1.log").read_text()
     assert "given --num-processes 3, but the job process 0 started" in log and "has 2 processes" in log
     time.sleep(1)
     os.killpg(leader.pid, signal.SIGKILL)  # left waiting for its partner
     leader.wait()
-    _run_job(out, 4, tmp_path)  # the right command resumes or starts cleanly
+    _run_job(out, 4, tmp_path, prompts)  # the right command resumes or starts cleanly
     _assert_same_store(out, single)
