@@ -27,9 +27,10 @@ __all__ = ["ParamShape", "param_shapes", "is_quantizable", "release_scale_blocks
 
 def _transformed(config: ModelConfig, spec: RecordSpec, compute_dtype: str = "float32",
                  moe_dispatch: str = "sparse", interventions: tuple = ()):
-    def fn(tokens, positions, ban_mask=None):
+    def fn(tokens, positions, ban_mask=None, dense_off=None):
         with hk.custom_setter(record_filter(spec, config)):
-            return forward_fn(config, tokens, positions, compute_dtype, moe_dispatch, interventions, None, ban_mask)
+            return forward_fn(config, tokens, positions, compute_dtype, moe_dispatch, interventions, None, ban_mask,
+                              dense_off)
 
     return hk.transform_with_state(fn)
 
@@ -54,8 +55,9 @@ def init_params(config: ModelConfig, seed: int = 0, quantized: bool | None = Non
 def make_forward(config: ModelConfig, spec: RecordSpec = RecordSpec(),
                  compute_dtype: str = "float32", moe_dispatch: str = "sparse",
                  interventions: tuple = ()) -> Callable:
-    """A pure `(params, tokens [B, T], positions [B, T], ban_mask=None) -> (logits [B, T, V] f32,
-    record)`; `ban_mask` [layers, experts] bool bans experts as traced data (see `forward_fn`).
+    """A pure `(params, tokens [B, T], positions [B, T], ban_mask=None, dense_off=None) -> (logits
+    [B, T, V] f32, record)`; `ban_mask` [layers, experts] bool bans experts and `dense_off` [layers]
+    bool zeroes the dense MLP, as traced data (see `forward_fn`).
 
     See `grokscope.model.lm.forward_fn` for `compute_dtype`, `moe_dispatch` and `interventions`.
     """
@@ -63,8 +65,8 @@ def make_forward(config: ModelConfig, spec: RecordSpec = RecordSpec(),
         iv.check(config)
     f = _transformed(config, spec, compute_dtype, moe_dispatch, tuple(interventions))
 
-    def apply(params, tokens, positions, ban_mask=None):
-        logits, state = f.apply(params, {}, None, tokens, positions, ban_mask)
+    def apply(params, tokens, positions, ban_mask=None, dense_off=None):
+        logits, state = f.apply(params, {}, None, tokens, positions, ban_mask, dense_off)
         return logits, collect(state)
 
     return apply

@@ -223,11 +223,12 @@ def _baseline_program(config, compute_dtype: str):
 @functools.lru_cache(maxsize=64)
 def _compare_program(config, compute_dtype: str, interventions: tuple):
     """The comparison against a baseline; with interventions () the program takes a ban mask
-    [layers, experts] as traced data instead (one program for every whole-layer ban)."""
+    [layers, experts] (and, for models with a dense MLP, a dense-off mask [layers]) as traced data
+    instead: one program for every whole-layer ban and dense-MLP zeroing."""
     apply = make_forward(config, RecordSpec(), compute_dtype, "sparse", interventions)
 
-    def program(params, tokens, positions, base, ban_mask=None):
-        logits, rec = apply(params, tokens, positions, ban_mask)
+    def program(params, tokens, positions, base, ban_mask=None, dense_off=None):
+        logits, rec = apply(params, tokens, positions, ban_mask, dense_off)
         logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
         logp = base["logp"]
         following = _next_tokens(tokens)[..., None]
@@ -242,17 +243,22 @@ def _compare_program(config, compute_dtype: str, interventions: tuple):
     return jax.jit(program)
 
 
-def _as_ban_mask(interventions: tuple, config) -> np.ndarray | None:
-    """[layers, experts] bool when every intervention bans experts at every position of chosen
-    layers (then one compiled program serves them all); None otherwise."""
-    if not interventions or any(iv.kind != "ban" or iv.positions is not None for iv in interventions):
+def _as_layer_masks(interventions: tuple, config) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(ban mask [layers, experts] bool, dense-off mask [layers] bool or None for a model without a
+    dense MLP) when every intervention bans experts or zeroes the dense MLP at every position of
+    chosen layers (then one compiled program serves them all); None otherwise."""
+    if not interventions or any(iv.kind not in ("ban", "zero_dense") or iv.positions is not None
+                                for iv in interventions):
         return None
-    mask = np.zeros((config.num_layers, config.num_experts), bool)
+    bans = np.zeros((config.num_layers, config.num_experts), bool)
+    dense_off = np.zeros(config.num_layers, bool) if config.has_dense_mlp else None
     for iv in interventions:
-        layers = range(config.num_layers) if iv.layers is None else iv.layers
-        for layer in layers:
-            mask[layer, list(iv.experts)] = True
-    return mask
+        for layer in range(config.num_layers) if iv.layers is None else iv.layers:
+            if iv.kind == "ban":
+                bans[layer, list(iv.experts)] = True
+            else:
+                dense_off[layer] = True
+    return bans, dense_off
 
 
 def baseline(model, ids: Sequence[Sequence[int]], batch_size: int, compute_dtype: str = "float32") -> Baseline:
@@ -276,15 +282,15 @@ def compare(model, base: Baseline, interventions: Sequence) -> dict[str, np.ndar
     interventions = tuple(interventions)
     for iv in interventions:
         iv.check(model.config)
-    ban_mask = _as_ban_mask(interventions, model.config)
-    program = _compare_program(model.config, base.compute_dtype, () if ban_mask is not None else interventions)
+    masks = _as_layer_masks(interventions, model.config)
+    program = _compare_program(model.config, base.compute_dtype, () if masks is not None else interventions)
     parts = []
     for batch in base.batches:
         tokens = batch["tokens"]
         tokens_in, positions_in = _place(model.mesh, tokens, _positions(tokens.shape))
         with _on_mesh(model.mesh):
             device = {k: v for k, v in batch.items() if k != "tokens"}
-            extra = () if ban_mask is None else (ban_mask,)
+            extra = () if masks is None else masks
             parts.append(jax.device_get(program(model.params, tokens_in, positions_in, device, *extra)))
     n, longest = len(base.ids), max(len(i) for i in base.ids)
     out = {}

@@ -309,3 +309,22 @@ def test_bundled_grok2_tiny_runs_and_dumps(tmp_path):
     assert stored.attrs["tokenizer"]["format"] == "tiktoken-json"
     np.testing.assert_array_equal(stored["tokens"].values[0, :int(stored["length"][0])],
                                   session.tokenizer.encode("The cat sat on the mat."))
+
+
+def test_dense_zeroing_and_bans_run_as_data_in_one_program(g2, monkeypatch):
+    from grokscope import runner
+    from grokscope.interventions import ban
+
+    config, params, ref, tokens = g2
+    model = runner.Model(config, params)
+    ids = [list(row[row > 0]) for row in tokens]
+    base = runner.baseline(model, ids, 5)
+    sets = [[zero_dense(layer=0)], [zero_dense(), ban(2, layer=1)], [ban(6)]]
+    as_data = [runner.compare(model, base, s) for s in sets]
+    assert runner._compare_program(config, base.compute_dtype, ())._cache_size() == 1
+    monkeypatch.setattr(runner, "_as_layer_masks", lambda interventions, config: None)  # compiled in instead
+    for s, got in zip(sets, as_data):
+        want = runner.compare(model, base, s)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=f"{s}: {name}")
+    assert np.nanmax(np.abs(as_data[0]["delta_loss"])) > 0.01  # zeroing the dense MLP does change the outputs

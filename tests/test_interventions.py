@@ -232,7 +232,7 @@ def test_whole_layer_bans_run_as_data_in_one_program_with_the_same_numbers(bundl
     as_data = [runner.compare(model, base, s) for s in sets]
     program = runner._compare_program(model.config, base.compute_dtype, ())
     assert program._cache_size() == 1  # every set above ran in one compiled program
-    monkeypatch.setattr(runner, "_as_ban_mask", lambda interventions, config: None)  # the compiled-in bans
+    monkeypatch.setattr(runner, "_as_layer_masks", lambda interventions, config: None)  # the compiled-in bans
     for s, got in zip(sets, as_data):
         want = runner.compare(model, base, s)
         for name in want:

@@ -32,9 +32,11 @@ class DecoderLayer(hk.Module):
         self.moe_dispatch = moe_dispatch
         self.interventions = interventions
 
-    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array, cache=None, banned=None):
+    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array, cache=None, banned=None,
+                 dense_off=None):
         """h [B, T, D] -> h; with a `cache` (see MultiHeadAttention), (h, (keys, values)).
-        `banned`: [E] bool, experts banned at this layer (traced)."""
+        `banned`: [E] bool, experts banned at this layer (traced); `dense_off`: bool scalar, the dense
+        MLP zeroed at this layer (traced)."""
         eps = self.config.norm_eps
         attn = MultiHeadAttention(self.config, self.interventions)(RMSNorm(eps, name="rms_norm")(h), mask, positions,
                                                                     cache)
@@ -49,6 +51,8 @@ class DecoderLayer(hk.Module):
         if self.config.has_dense_mlp:
             mlp_out = DenseMLP(self.config)(x)  # [B, T, D] float32
             mlp_out = zero_dense_output(mlp_out, positions, self.interventions)
+            if dense_off is not None:
+                mlp_out = jnp.where(dense_off, jnp.zeros_like(mlp_out), mlp_out)
             probe("mlp_output", mlp_out)
             ffn = ((mlp_out + ffn.astype(jnp.float32)) / math.sqrt(2)).astype(x.dtype)
         h = h + RMSNorm(eps, name="rms_norm_3")(ffn)
@@ -66,19 +70,22 @@ class Transformer(hk.Module):
         self.moe_dispatch = moe_dispatch
         self.interventions = interventions
 
-    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array, cache=None, ban_mask=None):
+    def __call__(self, h: jax.Array, mask: jax.Array, positions: jax.Array, cache=None, ban_mask=None,
+                 dense_off=None):
         """h -> h; with `cache` = (keys [L, B, S, G, K], values, start), (h, (keys, values)).
-        `ban_mask`: [L, E] bool, experts banned at each layer (traced; None: none)."""
+        `ban_mask`: [L, E] bool, experts banned at each layer; `dense_off`: [L] bool, the dense MLP
+        zeroed at each layer (both traced; None: none)."""
         keys, values = [], []
         for i in range(self.config.num_layers):
             h = constrain(h, "data", None, None)  # [B, T, D]: batch split, width replicated
             layer = DecoderLayer(self.config, name=f"decoder_layer_{i}", moe_dispatch=self.moe_dispatch,
                                  interventions=for_layer(self.interventions, i))
             banned = None if ban_mask is None else ban_mask[i]
+            off = None if dense_off is None else dense_off[i]
             if cache is None:
-                h = layer(h, mask, positions, banned=banned)
+                h = layer(h, mask, positions, banned=banned, dense_off=off)
             else:
-                h, (k, v) = layer(h, mask, positions, (cache[0][i], cache[1][i], cache[2]), banned)
+                h, (k, v) = layer(h, mask, positions, (cache[0][i], cache[1][i], cache[2]), banned, off)
                 keys.append(k)
                 values.append(v)
         h = constrain(h, "data", None, None)

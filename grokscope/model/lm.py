@@ -65,7 +65,7 @@ class LanguageModel(hk.Module):
         self.compute_dtype = jnp.dtype(compute_dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, transformer: Transformer, cache=None,
-                 ban_mask=None):
+                 ban_mask=None, dense_off=None):
         c = self.config
         embed = InOutEmbed(c)
         h = embed.embed(tokens).astype(self.compute_dtype)  # [B, T, D]
@@ -75,7 +75,7 @@ class LanguageModel(hk.Module):
             valid = tokens > c.pad_token  # [B, S]
             causal = jnp.tril(jnp.ones((T, T), dtype=bool))  # [T, S]
             mask = causal[None, :, :] & valid[:, None, :]  # [B, T, S]
-            h = transformer(h, mask, positions, ban_mask=ban_mask)
+            h = transformer(h, mask, positions, ban_mask=ban_mask, dense_off=dense_off)
         else:
             # The new tokens sit at cache rows length.. ; each attends to every valid row up to its own.
             start = cache["length"]
@@ -83,7 +83,7 @@ class LanguageModel(hk.Module):
             rows = jnp.arange(valid.shape[1])
             mask = (rows[None, None, :] <= (start + jnp.arange(T))[None, :, None]) & valid[:, None, :]
             h, (keys, values) = transformer(h, mask, positions, (cache["keys"], cache["values"], start),
-                                            ban_mask)
+                                            ban_mask, dense_off)
             cache = {"keys": keys, "values": values, "valid": valid, "length": start + T}
         h = RMSNorm(c.norm_eps, name="rms_norm")(h)
         head = embed if c.tied_embeddings else InOutEmbed(c, name="unembed")
@@ -96,7 +96,8 @@ class LanguageModel(hk.Module):
 
 def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | None = None,
                compute_dtype: str = "float32", moe_dispatch: str = "sparse", interventions: tuple = (),
-               cache: dict | None = None, ban_mask: jax.Array | None = None):
+               cache: dict | None = None, ban_mask: jax.Array | None = None,
+               dense_off: jax.Array | None = None):
     """The haiku function to transform: tokens [B, T] int -> logits [B, T, V] float32.
 
     `transformer` is built outside `language_model`, so its parameters live at
@@ -122,10 +123,13 @@ def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | No
 
     `ban_mask` [num_layers, num_experts] bool bans experts at every position of a layer, as
     `ban` interventions do, but as traced data: one compiled program serves every such ban.
+    
+    `dense_off` [num_layers] bool zeroes the dense MLP at every position of a layer, as
+    `zero_dense` interventions do, but as traced data (models with a dense MLP only).
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     transformer = Transformer(config, moe_dispatch=moe_dispatch, interventions=tuple(interventions))
-    return LanguageModel(config, compute_dtype)(tokens, positions, transformer, cache, ban_mask)
+    return LanguageModel(config, compute_dtype)(tokens, positions, transformer, cache, ban_mask, dense_off)
