@@ -85,7 +85,7 @@ class _SafeUnpickler(pickle._Unpickler):
       file cannot set attributes on `QuantizedWeight8bit` or any other global.
     - A dtype's state is never applied: numpy returns its shared dtype singletons from
       `np.dtype(...)`, and applying a file's state to one would mutate it for the whole
-      process (for bfloat16 this changes its hash, after which JAX no longer recognises the
+      process (for bfloat16 this changes its hash, after which JAX no longer recognizes the
       dtype). Only the byte order is taken from it.
     - SETITEM(S), APPEND(S) and ADDITEMS add only to the dicts, lists and sets of the file.
 
@@ -582,7 +582,7 @@ def save_params(params: Mapping[str, Mapping[str, Any]], checkpoint_dir: str | o
                 config: ModelConfig, quantize_weights: bool = True, shard: int = 0) -> Path:
     """Writes `params` as `checkpoint_dir/ckpt-0/tensor{i:05d}_{shard:03d}`.
 
-    Float weights the release stores as int8 are quantised (per-block symmetric int8 with the
+    Float weights the release stores as int8 are quantized (per-block symmetric int8 with the
     release's block counts) unless `quantize_weights` is False. Returns `checkpoint_dir`.
     """
     checkpoint_dir = Path(checkpoint_dir)

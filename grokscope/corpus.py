@@ -219,7 +219,7 @@ def train_tokenizer(docs: Sequence[Document], vocab_size: int = 4096) -> bytes:
     """Trains a byte-fallback SentencePiece BPE model on the training split; returns its bytes.
 
     Ids and special pieces follow Grok-1's tokenizer: [PAD]=0, [BOS]=1, [EOS]=2, [UNK]=3, then
-    runs of 1 to 4 newlines as whole pieces. The text is not normalised (identity rule,
+    runs of 1 to 4 newlines as whole pieces. The text is not normalized (identity rule,
     whitespace kept) and digits are split. The model learns from single lines, without a
     dummy-prefix space, so line-initial words are learned as they follow a newline. Training is single-threaded and deterministic: the same
     documents give the same bytes.

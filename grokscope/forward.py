@@ -1,4 +1,4 @@
-"""The forward API: parameter shapes, initialisation and the recorded forward pass.
+"""The forward API: parameter shapes, initialization and the recorded forward pass.
 
 `make_forward(config, spec)` returns a pure function `(params, tokens, positions) ->
 (logits, record)`; `jitted_forward` jits it once per (config, spec). `grokscope.forward`

@@ -58,13 +58,13 @@ class ParamSpec:
 
     Attributes:
       path: "module/path/name".
-      shape: the logical shape (of `weight` when quantised).
-      dtype: the dtype the release stores it in (int8 where quantised; else float32 for
+      shape: the logical shape (of `weight` when quantized).
+      dtype: the dtype the release stores it in (int8 where quantized; else float32 for
         Grok-1, bfloat16 for Grok-2).
       quantized: stored as a `QuantizedWeight8bit` (int8 weight + scales) in the release.
       quantizable: a matmul weight the int8 path may quantize (all of Grok-1's quantized
         weights; Grok-2's same weights and its dense MLP).
-      scale_blocks: the release's `n_blocks` of its scales (1 where not quantised).
+      scale_blocks: the release's `n_blocks` of its scales (1 where not quantized).
       partition: the logical partition spec, one entry per dim: None, a mesh axis name, or a
         tuple of them (fitted to a concrete mesh by `grokscope.sharding`).
     """

@@ -33,7 +33,7 @@ class QuantizedWeight8bit:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The logical (dequantised) shape: that of `weight`."""
+        """The logical (dequantized) shape: that of `weight`."""
         return tuple(self.weight.shape)
 
     @property
@@ -68,7 +68,7 @@ def dequantize(w: Any, dtype=jnp.bfloat16) -> jax.Array:
 
 
 def quantize(w: np.ndarray, n_blocks: int = 1, scale_dtype=ml_dtypes.bfloat16) -> QuantizedWeight8bit:
-    """Symmetric per-(row block, output column) int8 quantisation of `w[..., in, out]` (host side).
+    """Symmetric per-(row block, output column) int8 quantization of `w[..., in, out]` (host side).
 
     scales = (max |w| over the block's rows) / 127, rounded to `scale_dtype`;
     weight = clip(rint(w / scales), -127, 127). All-zero columns get scale 0 and weight 0.

@@ -28,10 +28,10 @@ Objective (per training batch of non-pad next-token targets):
     logsumexp(router_logits)^2, Z_LOSS_COEF = 1e-3.
   Both routing terms average over non-pad input tokens.
 
-Optimiser: optax AdamW (b1 0.9, b2 0.95, weight decay 0.1 on weight matrices other than the
+Optimizer: optax AdamW (b1 0.9, b2 0.95, weight decay 0.1 on weight matrices other than the
 embedding), global-norm clipping at 1.0, linear warmup then cosine decay to 10% of the peak.
 
-Initialisation: `init_params(config, seed, quantized=False)`, then the embedding table (and
+Initialization: `init_params(config, seed, quantized=False)`, then the embedding table (and
 the untied output table, if any) is scaled by 1/sqrt(emb_size) so that, after the input
 multiplier sqrt(emb_size), the residual stream starts at unit RMS (the releases pair their
 multiplier with a small table).
@@ -403,7 +403,7 @@ def _card(m: dict) -> str:
         z_loss_coef=m["z_loss_coef"], machine=m["machine"], total_wall_s=m["total_wall_s"],
         versions=", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         results=[(f"{shipped_format} (as shipped, via `load_params`)", ev["shipped"]),
-                 ("float32 (before quantisation)" if arch == "grok1" else "float32 (before rounding to bfloat16)",
+                 ("float32 (before quantization)" if arch == "grok1" else "float32 (before rounding to bfloat16)",
                   ev["float"]),
                  ("unigram (train-split counts, add-0.5)", ev["unigram"])])
 
@@ -483,7 +483,7 @@ def main(arch: str = "grok1", out: str | os.PathLike | None = None, settings: Tr
     heldout_labels = np.asarray(["code"] * len(heldout["code"]) + ["prose"] * len(heldout["prose"]))
     _log(f"tokens {token_counts}; held-out windows code {len(heldout['code'])}, prose {len(heldout['prose'])}")
 
-    # Model and optimiser.
+    # Model and optimizer.
     # dense dispatch: differentiable (the grouped loop's dynamic trip counts are not)
     apply = make_forward(config, RecordSpec(routing=True), compute_dtype="float32", moe_dispatch="dense")
     params = _initial_params(config, settings.seed)

@@ -71,7 +71,7 @@ def test_token_probabilities_are_the_router_softmax(store):
 
 def test_token_html_colours_each_token_by_its_expert(store):
     r = sequence_routing(store, 0)
-    colours = figures.expert_colours(r.num_experts)
+    colours = figures.expert_colors(r.num_experts)
     page = figures.token_html(r, layer=2)
     spans = re.findall(r'<span title="position (\d+), layer 2: [^"]*" style="background:rgba\((\d+),(\d+),(\d+),', page)
     assert len(spans) == len(r.pieces)
@@ -269,7 +269,7 @@ def test_generation_view_shows_every_token_with_its_routing(session):
     total = len(gen.token_ids)
     assert len(view._spans) == total and np.array(view.heatmap.data[0].z).shape == (4, total)
     stored = gen.dataset["expert_index"].values[0, :, 0, 0]
-    colours = figures.expert_colours(8)
+    colours = figures.expert_colors(8)
     for span, e in zip(view._spans, stored):
         assert f"background:{colours[int(e)]}" in span
     view.layer.value = 2

@@ -245,7 +245,7 @@ def max_vio(ds: xr.Dataset, choice: Choice = "all", first_choice_only: bool | No
     """
     first_choice_only = resolve_choice(choice, first_choice_only) == "first"
     counts = expert_counts(ds, _choice(first_choice_only), per_sequence=per_sequence).astype(np.float64)
-    mean = counts.mean("expert")  # the 1/(kN) normalisation cancels in the ratio
+    mean = counts.mean("expert")  # the 1/(kN) normalization cancels in the ratio
     vio = _safe_div(counts.max("expert") - mean, mean)
     vio = vio.transpose("sequence", "layer") if per_sequence else vio.transpose("layer")
     vio.attrs = {
@@ -308,7 +308,7 @@ def drop_rate(ds: xr.Dataset, capacity_factor: float = 1.25, batch: str = "seque
 
 
 def load_entropy(ds: xr.Dataset, choice: Choice = "all", first_choice_only: bool | None = None) -> xr.DataArray:
-    """Normalised entropy of the aggregate hard load, H(Load_l) / ln E, per layer.
+    """Normalized entropy of the aggregate hard load, H(Load_l) / ln E, per layer.
 
     The entropy of the aggregate load (distinct from the
     mean per-token router entropy in `shape.mean_router_entropy`). 1 for a uniform load (the
@@ -322,7 +322,7 @@ def load_entropy(ds: xr.Dataset, choice: Choice = "all", first_choice_only: bool
     plogp = load * np.log(load.where(load > 0, 1.0))  # 0 log 0 = 0; NaN (no tokens) stays NaN
     entropy = (-plogp.sum("expert", skipna=False) / math.log(_num_experts(ds))).transpose("layer")
     entropy.attrs = {
-        "long_name": "normalised entropy of the load",
+        "long_name": "normalized entropy of the load",
         "description": "-sum_e Load_e ln Load_e / ln E of the hard load",
         "baseline": 1.0,
         "baseline_description": "uniform load",

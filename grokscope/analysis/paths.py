@@ -62,7 +62,7 @@ def transition_matrix(ds: xr.Dataset, layer_a: int, layer_b: int) -> xr.Dataset:
 
     Returns:
       Dataset (expert_a, expert_b) with `count` (tokens with first choice i at a and j at b),
-      `probability` (row-normalised; NaN for rows without tokens) and `baseline`
+      `probability` (row-normalized; NaN for rows without tokens) and `baseline`
       (Load^(1)_{b, j}, the same for every row).
     """
     fc = _first_choices(ds, [layer_a, layer_b])

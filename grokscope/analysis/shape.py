@@ -1,7 +1,7 @@
 """Per-token routing shape: router entropy, top-k gate mass, decision and flip margins.
 
 Definitions:
-  - routing entropy H_t = -Σ_e p_{t,e} ln p_{t,e}, normalised by ln E (standard);
+  - routing entropy H_t = -Σ_e p_{t,e} ln p_{t,e}, normalized by ln E (standard);
   - top-k gate mass m_t = Σ_r g_t^(r), Grok-specific: Grok-1 does not renormalize its top-2
     gates, so m_t directly scales the MoE output (item 11; Grok-1 reference code, xai-org/grok-1
     `model.py`, as recorded in `grokscope/record.py`);
@@ -46,7 +46,7 @@ def layer_mean(values: xr.DataArray, ds: xr.Dataset) -> xr.DataArray:
 
 
 def router_entropy(ds: xr.Dataset) -> xr.DataArray:
-    """Normalised router entropy per token, H_t / ln E.
+    """Normalized router entropy per token, H_t / ln E.
 
     H_t = -Σ_e p_{t,e} ln p_{t,e} with p_t = softmax(router_logits_t), computed stably as
     ln Z - Σ_e p_e s_e with s = logits - max (no 0·log 0). 1 = uniform routing (the null
@@ -64,7 +64,7 @@ def router_entropy(ds: xr.Dataset) -> xr.DataArray:
     out = (entropy / math.log(E)).astype(np.float32).where(valid_tokens(ds))
     out = out.transpose("sequence", "position", "layer")
     out.attrs = {
-        "long_name": "normalised router entropy",
+        "long_name": "normalized router entropy",
         "description": "-sum_e p_e ln p_e / ln E of softmax(router_logits)",
         "baseline": 1.0,
         "baseline_description": "uniform router probabilities; 0 = one-hot",
@@ -118,7 +118,7 @@ def router_margins(ds: xr.Dataset) -> xr.Dataset:
 
     margin_12 = p^(1) - p^(2) (decision margin δ12) and margin_23 = p^(2) - p^(3) (flip margin
     δ23: small values predict a change of the routed top-2 set under perturbation,
-    quantisation or another implementation). p = softmax(router_logits). Null baseline: 0
+    quantization or another implementation). p = softmax(router_logits). Null baseline: 0
     (uniform routing). Standard quantities.
 
     Returns:

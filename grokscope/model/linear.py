@@ -24,7 +24,7 @@ def fan_in_init(scale: float = 1.0):
 
 
 class Linear(hk.Module):
-    """x @ w for w of shape [in, out]; int8 weights are dequantised in x's dtype."""
+    """x @ w for w of shape [in, out]; int8 weights are dequantized in x's dtype."""
 
     def __init__(self, output_size: int, init_scale: float = 1.0, name: str | None = None):
         super().__init__(name=name)

@@ -107,7 +107,7 @@ def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | No
       - "float32" (default) reproduces what XLA computes for the release's code, which
         drops most of the bf16 round trips written in it; only the Python-float
         multipliers and the output logits are rounded to bfloat16.
-      - "bfloat16" rounds every activation and dequantised weight to bfloat16, as the
+      - "bfloat16" rounds every activation and dequantized weight to bfloat16, as the
         release's source reads op by op: half the activation memory, slightly further
         from the release's outputs.
     Routers, norms, attention logits and softmaxes run in float32 either way.

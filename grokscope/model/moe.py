@@ -17,7 +17,7 @@ Dispatch (how step 3 is computed; all exact, no token is ever dropped):
   "grouped"  the (token, slot) pairs sorted by expert and run through each expert in blocks
              of rows (a loop over experts, and over blocks within an expert): about
              (k + E*M/N)/E of the dense FLOPs for N tokens and block size M, and one
-             expert's weights dequantised at a time.
+             expert's weights dequantized at a time.
   "ragged"   the same sorted rows through `jax.lax.ragged_dot`, a grouped matmul (native on
              GPUs; lowered to a masked dense dot on CPU).
   "sparse"   "ragged" on GPU/TPU, "grouped" on CPU (the default).
@@ -118,7 +118,7 @@ def _ffn(rows, w_gate, w_up, w_down, dtype, gelu: str):
 def grouped_experts(xs, counts, w_gate, w_up, w_down, block: int, gelu: str = "tanh"):
     """Rows xs [R, D] sorted by expert (counts [E] rows each) through their experts.
 
-    A loop over experts (each expert's weights sliced and dequantised once) and, inside,
+    A loop over experts (each expert's weights sliced and dequantized once) and, inside,
     over blocks of `block` rows from the expert's first row until its rows are done. A
     block may run past the expert's rows into the next expert's; those rows are written
     again, correctly, when the next expert's loop comes to them (experts go in order and
@@ -194,7 +194,7 @@ class MoELayer(hk.Module):
 
     def __call__(self, x: jax.Array, probs: jax.Array, positions: jax.Array | None = None,
                  banned: jax.Array | None = None) -> jax.Array:
-        """x: [B, T, D] normalised input; probs: [B, T, E] router probabilities; positions
+        """x: [B, T, D] normalized input; probs: [B, T, E] router probabilities; positions
         [B, T] (where interventions apply); banned: [E] bool, experts banned at this layer
         (traced, see `grokscope.interventions.apply_routing`)."""
         c = self.config

@@ -17,7 +17,7 @@ import xarray as xr
 from grokscope import analysis
 from grokscope.widgets.data import SequenceRouting
 
-__all__ = ["expert_colours", "routing_heatmap", "token_html", "token_probs_figure", "next_token_figure",
+__all__ = ["expert_colors", "routing_heatmap", "token_html", "token_probs_figure", "next_token_figure",
            "attention_heatmap",
            "query_figure", "load_figure", "entropy_figure", "coactivation_figure", "sankey_figure",
            "top_tokens", "top_tokens_html", "top_tokens_figure", "group_figure", "subtitled", "FONT"]
@@ -30,14 +30,22 @@ FONT = dict(family="DejaVu Sans, Arial, sans-serif", size=12)
 _MARGIN = dict(l=60, r=20, t=70, b=50)
 
 
-def expert_colours(num_experts: int) -> list[str]:
-    """One colour per expert: eight distinct ones for Grok's 8 experts, more for larger E."""
+def expert_colors(num_experts: int) -> list[str]:
+    """One color per expert: eight distinct ones for Grok's 8 experts, more for larger E."""
     palette = _EIGHT + _MORE
     return [palette[e % len(palette)] for e in range(num_experts)]
 
 
-def _rgba(colour: str, alpha: float) -> str:
-    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+def expert_colours(num_experts: int) -> list[str]:
+    """Deprecated spelling of `expert_colors`."""
+    import warnings
+
+    warnings.warn("expert_colours is deprecated: use expert_colors", DeprecationWarning, stacklevel=2)
+    return expert_colors(num_experts)
+
+
+def _rgba(color: str, alpha: float) -> str:
+    r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},{alpha:.3f})"
 
 
@@ -51,11 +59,11 @@ def _json_safe(z: np.ndarray) -> np.ndarray:
     return out
 
 
-def _discrete_colourscale(colours: Sequence[str]) -> list:
+def _discrete_colorscale(colors: Sequence[str]) -> list:
     """A colourscale with one flat band per integer value 0..n-1 (zmin -0.5, zmax n-0.5)."""
-    n = len(colours)
+    n = len(colors)
     scale = []
-    for i, c in enumerate(colours):
+    for i, c in enumerate(colors):
         scale += [[i / n, c], [(i + 1) / n, c]]
     return scale
 
@@ -81,13 +89,13 @@ def _token_axis(pieces: Sequence[str], max_labels: int = 80) -> dict:
 
 
 def routing_heatmap(r: SequenceRouting, layer: int | None = None, position: int | None = None) -> go.Figure:
-    """Layer x token heatmap of each token's first-choice expert (one colour per expert).
+    """Layer x token heatmap of each token's first-choice expert (one color per expert).
 
     Hover: token, position, layer, both (all k) chosen experts and their gates. A frame marks
-    `layer` (the layer shown in the coloured text) and a column `position` (the selected token).
+    `layer` (the layer shown in the colored text) and a column `position` (the selected token).
     """
     E = r.num_experts
-    colours = expert_colours(E)
+    colors = expert_colors(E)
     L, T, K = r.expert_index.shape
     custom = np.empty((L, T, 2 + 2 * K), dtype=object)
     custom[..., 0] = np.broadcast_to(np.array(r.pieces, dtype=object), (L, T))
@@ -99,7 +107,7 @@ def routing_heatmap(r: SequenceRouting, layer: int | None = None, position: int 
                           f"(gate %{{customdata[{3 + 2 * k}]}})" for k in range(K))
     fig = go.Figure(go.Heatmap(
         z=r.top1.astype(float), x=np.arange(T), y=[str(x) for x in r.layers], customdata=custom,
-        colorscale=_discrete_colourscale(colours), zmin=-0.5, zmax=E - 0.5, xgap=1, ygap=1,
+        colorscale=_discrete_colorscale(colors), zmin=-0.5, zmax=E - 0.5, xgap=1, ygap=1,
         colorbar=dict(title=dict(text="expert"), tickvals=list(range(E)), ticktext=[str(e) for e in range(E)],
                       thickness=14, len=max(160, 18 * E), lenmode="pixels", y=1.0, yanchor="top",
                       tickfont=dict(size=11)),
@@ -139,9 +147,9 @@ def query_frame(T: int, query: int | None) -> list[dict]:
 
 
 def token_html(r: SequenceRouting, layer: int, position: int | None = None) -> str:
-    """The text, each token on its first-choice expert's colour at `layer` (stronger for a
+    """The text, each token on its first-choice expert's color at `layer` (stronger for a
     larger gate), with a legend; hovering a token shows its experts and gates."""
-    colours = expert_colours(r.num_experts)
+    colors = expert_colors(r.num_experts)
     li = int(np.flatnonzero(r.layers == layer)[0])
     spans = []
     for t, piece in enumerate(r.pieces):
@@ -152,13 +160,13 @@ def token_html(r: SequenceRouting, layer: int, position: int | None = None) -> s
         frame = "outline:2px solid #222;" if t == position else ""
         text = html.escape(piece) + ("<br>" if piece.endswith("↵") else "")
         spans.append(f'<span title="{html.escape(f"position {t}, layer {layer}: {tip}")}" '
-                     f'style="background:{_rgba(colours[e], alpha)};padding:1px 2px;margin:1px;border-radius:3px;'
+                     f'style="background:{_rgba(colors[e], alpha)};padding:1px 2px;margin:1px;border-radius:3px;'
                      f'{frame}">{text}</span>')
     legend = " ".join(f'<span style="background:{c};padding:1px 6px;margin-right:4px;border-radius:3px">'
-                      f'{e}</span>' for e, c in enumerate(colours))
+                      f'{e}</span>' for e, c in enumerate(colors))
     return (f'<div style="font-family:DejaVu Sans Mono, monospace;font-size:13px;line-height:1.9">'
             f'<div style="font-family:DejaVu Sans, sans-serif;margin-bottom:4px"><b>layer {layer}</b>: each token '
-            f'on its first-choice expert\'s colour (stronger = larger gate). Experts: {legend}</div>'
+            f'on its first-choice expert\'s color (stronger = larger gate). Experts: {legend}</div>'
             f'<div style="white-space:normal">{"".join(spans)}</div></div>')
 
 
@@ -166,7 +174,7 @@ def token_probs_figure(r: SequenceRouting, position: int) -> go.Figure:
     """One token's router probabilities at every layer: stacked bars per expert (each bar
     sums to 1); from the chosen experts' gates when router logits were not recorded."""
     E = r.num_experts
-    colours = expert_colours(E)
+    colors = expert_colors(E)
     L = len(r.layers)
     if r.probs is not None:
         probs = r.probs[:, position, :]
@@ -174,7 +182,7 @@ def token_probs_figure(r: SequenceRouting, position: int) -> go.Figure:
         probs = np.zeros((L, E), np.float32)
         np.put_along_axis(probs, r.expert_index[:, position, :], r.expert_gate[:, position, :], axis=1)
     layers = [str(x) for x in r.layers]
-    fig = go.Figure([go.Bar(x=layers, y=probs[:, e], name=f"expert {e}", marker_color=colours[e],
+    fig = go.Figure([go.Bar(x=layers, y=probs[:, e], name=f"expert {e}", marker_color=colors[e],
                             hovertemplate=f"expert {e}<br>layer %{{x}}<br>p = %{{y:.3f}}<extra></extra>")
                      for e in range(E)])
     chosen = ", ".join(f"L{layer}: {'+'.join(str(int(x)) for x in r.expert_index[i, position])}"
@@ -235,9 +243,9 @@ def load_figure(ds: xr.Dataset) -> go.Figure:
     1), with the uniform 1/E boundaries as the reference."""
     load = analysis.hard_load(ds).compute()
     E = ds.sizes["expert"]
-    colours = expert_colours(E)
+    colors = expert_colors(E)
     layers = [str(x) for x in load["layer"].values]
-    fig = go.Figure([go.Bar(x=layers, y=load.sel(expert=e).values, name=f"expert {e}", marker_color=colours[i],
+    fig = go.Figure([go.Bar(x=layers, y=load.sel(expert=e).values, name=f"expert {e}", marker_color=colors[i],
                             hovertemplate=f"expert {e}<br>layer %{{x}}<br>load %{{y:.3f}}<extra></extra>")
                      for i, e in enumerate(load["expert"].values)])
     _layout(fig, subtitled("expert load per layer", f"share of top-{ds.sizes['slot']} assignments; uniform "
@@ -248,7 +256,7 @@ def load_figure(ds: xr.Dataset) -> go.Figure:
 
 
 def entropy_figure(ds: xr.Dataset) -> go.Figure:
-    """Mean normalised router entropy per layer (1 = uniform routing, 0 = one expert)."""
+    """Mean normalized router entropy per layer (1 = uniform routing, 0 = one expert)."""
     entropy = analysis.mean_router_entropy(ds).compute()
     layers = [str(x) for x in entropy["layer"].values]
     fig = go.Figure(go.Scatter(x=layers, y=entropy.values, mode="lines+markers", name="mean entropy",
@@ -282,7 +290,7 @@ def sankey_figure(ds: xr.Dataset, layer_a: int, layer_b: int) -> go.Figure:
     tm = analysis.transition_matrix(ds, layer_a, layer_b)
     counts = np.asarray(tm["count"].values)
     E = counts.shape[0]
-    colours = expert_colours(E)
+    colors = expert_colors(E)
     source, target, value, link_colours = [], [], [], []
     for i in range(E):
         for j in range(E):
@@ -290,11 +298,11 @@ def sankey_figure(ds: xr.Dataset, layer_a: int, layer_b: int) -> go.Figure:
                 source.append(i)
                 target.append(E + j)
                 value.append(int(counts[i, j]))
-                link_colours.append(_rgba(colours[i], 0.45))
+                link_colours.append(_rgba(colors[i], 0.45))
     labels = [f"L{layer_a} e{e}" for e in range(E)] + [f"L{layer_b} e{e}" for e in range(E)]
     fig = go.Figure(go.Sankey(
         arrangement="fixed",
-        node=dict(label=labels, color=colours + colours, pad=8, thickness=14,
+        node=dict(label=labels, color=colors + colors, pad=8, thickness=14,
                   x=[0.01] * E + [0.99] * E, y=[(e + 0.5) / E for e in range(E)] * 2),
         link=dict(source=source, target=target, value=value, color=link_colours,
                   hovertemplate="%{source.label} → %{target.label}: %{value} tokens<extra></extra>")))
@@ -326,9 +334,9 @@ def top_tokens(ds: xr.Dataset, layer: int, n: int = 8, pieces: Sequence[str] | N
 def top_tokens_html(ds: xr.Dataset, layer: int, n: int = 8) -> str:
     """`top_tokens` as an HTML table (what the live dashboard shows)."""
     headers, columns = top_tokens(ds, layer, n)
-    colours = expert_colours(len(headers))
+    colors = expert_colors(len(headers))
     head = "".join(f'<th style="background:{c};padding:3px 8px;text-align:left">{html.escape(h)}</th>'
-                   for h, c in zip(headers, colours))
+                   for h, c in zip(headers, colors))
     rows = "".join("<tr>" + "".join(f'<td style="padding:2px 8px;border-bottom:1px solid #eee">'
                                     f'{html.escape(col[r])}</td>' for col in columns) + "</tr>"
                    for r in range(n))
@@ -341,9 +349,9 @@ def top_tokens_html(ds: xr.Dataset, layer: int, n: int = 8) -> str:
 def top_tokens_figure(ds: xr.Dataset, layer: int, n: int = 8) -> go.Figure:
     """`top_tokens` as a plotly table (what the report embeds)."""
     headers, columns = top_tokens(ds, layer, n)
-    colours = expert_colours(len(headers))
+    colors = expert_colors(len(headers))
     fig = go.Figure(go.Table(
-        header=dict(values=headers, fill_color=colours,
+        header=dict(values=headers, fill_color=colors,
                     font=dict(color="#111", size=12), align="left"),
         cells=dict(values=columns, align="left", font=dict(size=11), height=22)))
     _layout(fig, subtitled(f"tokens most often sent to each expert at layer {layer}", "first choice; count"),
@@ -440,7 +448,7 @@ def dla_bars(expert_dla: np.ndarray, expert_index: np.ndarray, expert_gate: np.n
     slot, each bar in its expert's color and labelled with it) and, when the model has one,
     a grey bar for the dense MLP. `expert_dla`, `expert_index`, `expert_gate` are [layer,
     slot]; `dense_dla` [layer] or None."""
-    palette = expert_colours(num_experts)
+    palette = expert_colors(num_experts)
     x = [str(v) for v in layers]
     L, K = expert_dla.shape
     traces = []

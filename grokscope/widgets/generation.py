@@ -16,7 +16,7 @@ __all__ = ["GenerationView"]
 
 
 class GenerationView(View):
-    """Type a prompt, press Generate: tokens appear as they are written, each on the colour of
+    """Type a prompt, press Generate: tokens appear as they are written, each on the color of
     its first-choice expert at the chosen layer (hover: both experts and gates at that layer);
     when done, the layer x token heatmap of the whole sequence (generated tokens after the
     dotted line).
@@ -39,7 +39,7 @@ class GenerationView(View):
                                                description="new tokens", layout=W.Layout(width="200px"))
         self.temperature = W.FloatSlider(value=temperature, min=0.0, max=2.0, step=0.1, description="temperature",
                                          continuous_update=False)
-        self.layer = W.Dropdown(options=list(range(session.config.num_layers)), value=0, description="colour by layer",
+        self.layer = W.Dropdown(options=list(range(session.config.num_layers)), value=0, description="color by layer",
                                 style={"description_width": "initial"}, layout=W.Layout(width="220px"))
         self.button = W.Button(description="Generate", button_style="primary", icon="play")
         self.text = W.HTML()
@@ -53,10 +53,10 @@ class GenerationView(View):
                           self.status, self.text, self.heatmap])
 
     def _span(self, piece: str, experts, gates, generated: bool) -> str:
-        colours = figures.expert_colours(self.session.config.num_experts)
+        colors = figures.expert_colors(self.session.config.num_experts)
         tip = ", ".join(f"expert {int(e)} gate {float(g):.3f}" for e, g in zip(experts, gates))
         border = "border-bottom:2px solid #222;" if generated else ""
-        return (f'<span title="{html.escape(tip)}" style="background:{colours[int(experts[0])]};opacity:0.9;'
+        return (f'<span title="{html.escape(tip)}" style="background:{colors[int(experts[0])]};opacity:0.9;'
                 f'padding:1px 2px;margin:1px;border-radius:3px;{border}">{html.escape(piece)}</span>'
                 + ("<br>" if piece.endswith("↵") else ""))
 

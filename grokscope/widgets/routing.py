@@ -21,7 +21,7 @@ class RoutingExplorer(View):
 
     - a layer x token heatmap of each token's first-choice expert (hover: token, layer, both
       chosen experts and their gates; click a cell to select that token and layer),
-    - the text with each token on its expert's colour at the layer of the slider,
+    - the text with each token on its expert's color at the layer of the slider,
     - the selected token's router probabilities at every layer (stacked bars per expert),
     - with a Session: an intervention control (ban or zero an expert at the layer of the slider)
       and the next-token distribution after the selected token, as is and intervened.
