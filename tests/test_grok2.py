@@ -328,3 +328,26 @@ def test_dense_zeroing_and_bans_run_as_data_in_one_program(g2, monkeypatch):
         for name in want:
             np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=f"{s}: {name}")
     assert np.nanmax(np.abs(as_data[0]["delta_loss"])) > 0.01  # zeroing the dense MLP does change the outputs
+
+
+def test_unsharded_hugging_face_layout_loads_the_same(g2, tmp_path):
+    """model-0000N-of-0000M.safetensors with whole tensors (experts unsplit), as a Hugging Face
+    export would hold them."""
+    from grokscope.formats.safetensors_io import write_file
+
+    config, params, _, tokens = g2
+    flat = {f"{m}/{n}": np.asarray(v) for m, values in params.items() for n, v in values.items()}
+    tensors = {}
+    for name, source in release_names(config).items():
+        value = flat[source.param] if source.expert is None else flat[source.param][source.expert]
+        tensors[name] = np.ascontiguousarray(value.T if source.transpose else value)
+    names = sorted(tensors)
+    half = len(names) // 2
+    write_file(tmp_path / "model-00001-of-00002.safetensors", {n: tensors[n] for n in names[:half]})
+    write_file(tmp_path / "model-00002-of-00002.safetensors", {n: tensors[n] for n in names[half:]})
+    assert detect_format(tmp_path) == "grok2"
+    loaded = load_params(tmp_path, config)
+    for module, values in params.items():
+        for name, value in values.items():
+            np.testing.assert_array_equal(np.asarray(loaded[module][name]).view(np.uint16),
+                                          np.asarray(value).view(np.uint16))
