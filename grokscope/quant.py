@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-__all__ = ["QuantizedWeight8bit", "dequantize", "quantize"]
+__all__ = ["QuantizedWeight8bit", "dequantize", "quantize", "hidden_tile", "TILE_MIN_BYTES"]
 
 
 @dataclasses.dataclass
@@ -84,3 +84,27 @@ def quantize(w: np.ndarray, n_blocks: int = 1, scale_dtype=ml_dtypes.bfloat16) -
         q = np.where(s32 > 0, np.rint(blocked / np.where(s32 > 0, s32, 1)), 0)
     weight = np.clip(q, -127, 127).astype(np.int8).reshape(w.shape)
     return QuantizedWeight8bit(weight=weight, scales=scales)
+
+
+TILE_MIN_BYTES = 64 * 1024 * 1024
+"""A gated feed-forward network whose three weights, dequantized to float32, would take more than
+this on one device is computed in tiles of its hidden width (`hidden_tile`); smaller ones (every
+bundled and test model) are computed whole, exactly as before."""
+
+
+def hidden_tile(d_model: int, hidden: int, shards: int, down_blocks: int, target: int = 512) -> int | None:
+    """Hidden units per tile and per model shard for a GeGLU of width `hidden` split over `shards`
+    devices, or None to compute it whole.
+
+    A tile divides each shard's hidden units and the rows of one scale block of the down
+    projection (so a tile's rows share one scale); it is the largest such divisor up to
+    `target`, at least 64, and needs `down_blocks` to be a multiple of `shards` (or 1).
+    """
+    if hidden % shards or 3 * d_model * (hidden // shards) * 4 <= TILE_MIN_BYTES:
+        return None
+    if down_blocks > 1 and (down_blocks % shards or hidden % down_blocks):
+        return None
+    local = hidden // shards
+    unit = hidden // down_blocks if down_blocks > 1 else local
+    tile = max((t for t in range(1, min(target, unit, local) + 1) if unit % t == 0 and local % t == 0), default=1)
+    return tile if 64 <= tile < local else None

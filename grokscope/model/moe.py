@@ -33,7 +33,7 @@ from grokscope.config import ModelConfig
 from grokscope.interventions import ROUTING_KINDS, apply_routing
 from grokscope.model.attention import softcap
 from grokscope.model.linear import HIGHEST, fan_in_init
-from grokscope.quant import QuantizedWeight8bit, dequantize
+from grokscope.quant import QuantizedWeight8bit, dequantize, hidden_tile
 from grokscope.record import probe
 
 
@@ -107,12 +107,78 @@ def _gelu(x: jax.Array, variant: str) -> jax.Array:
     return jax.nn.gelu(x, approximate=variant == "tanh")
 
 
+def _model_shards() -> int:
+    """Devices along the `model` axis of the mesh being traced for (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or "model" not in mesh.axis_names else int(mesh.shape["model"])
+
+
+def _column_tile(w, shards: int, tiles: int, i, dtype):
+    """Columns of tile i in every shard of a [..., in, F] weight, dequantized: [..., in, shards * t].
+
+    F is viewed as [shards, tiles, t] (the shard dim outermost, as the mesh splits it), so the
+    slice is local to each device; the scales (per column) are sliced the same way."""
+    def cut(a):
+        *lead, n_in, F = a.shape
+        t = F // (shards * tiles)
+        a = a.reshape(*lead, n_in, shards, tiles, t)
+        return jax.lax.dynamic_index_in_dim(a, i, axis=-2, keepdims=False).reshape(*lead, n_in, shards * t)
+
+    if isinstance(w, QuantizedWeight8bit):
+        return cut(w.weight).astype(dtype) * cut(w.scales).astype(dtype)
+    return cut(w).astype(dtype)
+
+
+def _row_tile(w, shards: int, tiles: int, i, dtype):
+    """Rows of tile i in every shard of a [..., F, out] weight, dequantized: [..., shards * t, out].
+    Each shard's tile lies inside one scale block (`hidden_tile` ensures it)."""
+    *lead, F, n_out = w.shape
+    t = F // (shards * tiles)
+    weight = w.weight if isinstance(w, QuantizedWeight8bit) else w
+    rows = weight.reshape(*lead, shards, tiles, t, n_out)
+    rows = jax.lax.dynamic_index_in_dim(rows, i, axis=-3, keepdims=False).astype(dtype)  # [..., S, t, out]
+    if isinstance(w, QuantizedWeight8bit):
+        nb = w.n_blocks
+        if nb == 1:
+            scale = w.scales.astype(dtype)[..., None, :, :]  # [..., 1, 1, out]
+        else:
+            per_shard = nb // shards  # blocks in each shard; tile i lies in block (i * t) // (F / nb) of them
+            blocks = w.scales.reshape(*lead, shards, per_shard, n_out)
+            scale = jax.lax.dynamic_index_in_dim(blocks, (i * t) // (F // nb), axis=-2, keepdims=True)
+            scale = scale.astype(dtype)  # [..., S, 1, out]
+        rows = rows * scale
+    return rows.reshape(*lead, shards * t, n_out)
+
+
+def _tiled(contract, out_shape, w_gate, w_up, w_down, dtype):
+    """`contract(gate, up, down)` summed over tiles of the hidden width when the weights are large
+    (`grokscope.quant.hidden_tile`): each tile's weights are dequantized on their own, inside each
+    device's shard, so no whole float copy of a weight is ever made. Small weights run whole."""
+    D, F = w_gate.shape[-2], w_gate.shape[-1]
+    shards = _model_shards()
+    down_blocks = w_down.n_blocks if isinstance(w_down, QuantizedWeight8bit) else 1
+    tile = hidden_tile(D, F, shards, down_blocks)
+    if tile is None:
+        return contract(*(dequantize(w, dtype) for w in (w_gate, w_up, w_down)))
+    tiles = F // (shards * tile)
+
+    def body(i, acc):
+        return acc + contract(_column_tile(w_gate, shards, tiles, i, dtype), _column_tile(w_up, shards, tiles, i, dtype),
+                              _row_tile(w_down, shards, tiles, i, dtype))
+
+    return jax.lax.fori_loop(0, tiles, body, jnp.zeros(out_shape, jnp.float32))
+
+
 def _ffn(rows, w_gate, w_up, w_down, dtype, gelu: str):
-    """One expert's GeGLU on rows [M, D] (weights already this expert's)."""
-    h_gate = jnp.dot(rows, dequantize(w_gate, dtype), precision=HIGHEST).astype(jnp.float32)
-    h_up = jnp.dot(rows, dequantize(w_up, dtype), precision=HIGHEST).astype(jnp.float32)
-    hidden = _gelu(h_gate, gelu) * h_up
-    return jnp.dot(hidden, dequantize(w_down, dtype).astype(jnp.float32), precision=HIGHEST)
+    """One expert's GeGLU on rows [..., D] (weights already this expert's): [..., D] float32.
+    Large weights are computed in tiles of the hidden width (`_tiled`)."""
+    def contract(w_gate, w_up, w_down):
+        h_gate = jnp.dot(rows, w_gate, precision=HIGHEST).astype(jnp.float32)
+        h_up = jnp.dot(rows, w_up, precision=HIGHEST).astype(jnp.float32)
+        hidden = _gelu(h_gate, gelu) * h_up
+        return jnp.dot(hidden, w_down.astype(jnp.float32), precision=HIGHEST)
+
+    return _tiled(contract, rows.shape[:-1] + (w_down.shape[-1],), w_gate, w_up, w_down, dtype)
 
 
 def grouped_experts(xs, counts, w_gate, w_up, w_down, block: int, gelu: str = "tanh"):
@@ -148,21 +214,27 @@ def grouped_experts(xs, counts, w_gate, w_up, w_down, block: int, gelu: str = "t
 
 
 def ragged_experts(xs, counts, w_gate, w_up, w_down, gelu: str = "tanh"):
-    """Rows xs [R, D] sorted by expert through their experts with `jax.lax.ragged_dot`."""
-    dtype = xs.dtype
-    h_gate = jax.lax.ragged_dot(xs, dequantize(w_gate, dtype), counts, precision=HIGHEST).astype(jnp.float32)
-    h_up = jax.lax.ragged_dot(xs, dequantize(w_up, dtype), counts, precision=HIGHEST).astype(jnp.float32)
-    hidden = _gelu(h_gate, gelu) * h_up
-    return jax.lax.ragged_dot(hidden, dequantize(w_down, dtype).astype(jnp.float32), counts, precision=HIGHEST)
+    """Rows xs [R, D] sorted by expert through their experts with `jax.lax.ragged_dot` (large
+    weights in tiles of the hidden width, `_tiled`)."""
+    def contract(w_gate, w_up, w_down):
+        h_gate = jax.lax.ragged_dot(xs, w_gate, counts, precision=HIGHEST).astype(jnp.float32)
+        h_up = jax.lax.ragged_dot(xs, w_up, counts, precision=HIGHEST).astype(jnp.float32)
+        hidden = _gelu(h_gate, gelu) * h_up
+        return jax.lax.ragged_dot(hidden, w_down.astype(jnp.float32), counts, precision=HIGHEST)
+
+    return _tiled(contract, xs.shape, w_gate, w_up, w_down, xs.dtype)
 
 
 def _all_experts(x, w_gate, w_up, w_down, gelu: str):
-    """Every expert's GeGLU output for every token: x [B, T, D] -> [B, T, E, D] float32."""
-    w_gate, w_up, w_down = (dequantize(w, x.dtype) for w in (w_gate, w_up, w_down))
-    h_gate = jnp.einsum("btd,edf->btef", x, w_gate, precision=HIGHEST).astype(jnp.float32)  # [B, T, E, F]
-    h_up = jnp.einsum("btd,edf->btef", x, w_up, precision=HIGHEST).astype(jnp.float32)
-    hidden = _gelu(h_gate, gelu) * h_up
-    return jnp.einsum("btef,efd->bted", hidden, w_down.astype(jnp.float32), precision=HIGHEST)
+    """Every expert's GeGLU output for every token: x [B, T, D] -> [B, T, E, D] float32 (large
+    weights in tiles of the hidden width, `_tiled`)."""
+    def contract(w_gate, w_up, w_down):
+        h_gate = jnp.einsum("btd,edf->btef", x, w_gate, precision=HIGHEST).astype(jnp.float32)  # [B, T, E, F]
+        h_up = jnp.einsum("btd,edf->btef", x, w_up, precision=HIGHEST).astype(jnp.float32)
+        hidden = _gelu(h_gate, gelu) * h_up
+        return jnp.einsum("btef,efd->bted", hidden, w_down.astype(jnp.float32), precision=HIGHEST)
+
+    return _tiled(contract, x.shape[:-1] + (w_gate.shape[0], x.shape[-1]), w_gate, w_up, w_down, x.dtype)
 
 
 class DenseMLP(hk.Module):

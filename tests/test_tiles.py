@@ -1,0 +1,86 @@
+"""Large feed-forward weights run in tiles of their hidden width (int8 dequantized a tile at a time,
+inside each device's shard): the same expert choices and outputs as the whole-weight path."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+import grokscope as gs
+from grokscope import quant
+from grokscope.config import load_config
+from grokscope.quant import hidden_tile
+from grokscope.record import RecordSpec
+from grokscope.sharding import make_mesh
+
+
+def test_hidden_tile_divides_shards_and_scale_blocks():
+    # Grok-1's experts: F 32768 over 8 devices, the down projection in 8 scale blocks
+    assert hidden_tile(6144, 32768, 8, 8) == 512
+    assert hidden_tile(6144, 32768, 1, 8) == 512
+    assert hidden_tile(8192, 16384, 8, 1) == 512  # Grok-2's bf16 experts (no scale blocks)
+    assert hidden_tile(64, 344, 1, 8) is None  # small weights run whole
+    # a tile never straddles a shard or a scale block
+    for d, f, shards, blocks in [(6144, 32768, 4, 8), (8192, 32768, 2, 8), (4096, 24576, 8, 8)]:
+        t = hidden_tile(d, f, shards, blocks)
+        assert t and (f // shards) % t == 0 and (f // blocks) % t == 0
+
+
+def _forget_compiled():
+    import importlib
+
+    forward, runner = (importlib.import_module(f"grokscope.{name}") for name in ("forward", "runner"))
+    for cached in (forward.jitted_forward, forward.jitted_decoder, runner._program):
+        cached.cache_clear()
+
+
+def _while_loops(config, params, tokens, dispatch):
+    from grokscope.forward import make_forward
+
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    apply = make_forward(config, RecordSpec(routing=True), "float32", dispatch)
+    text = str(jax.make_jaxpr(apply)(params, tokens, positions))
+    return text.count("while[") + text.count("scan[")  # fori_loop with static bounds becomes a scan
+
+
+def test_the_tiles_are_really_used(wide, monkeypatch):
+    config, params, tokens = wide
+    for dispatch in ("grouped", "ragged", "dense"):
+        whole = _while_loops(config, params, tokens, dispatch)
+        monkeypatch.setattr(quant, "TILE_MIN_BYTES", 0)
+        tiled = _while_loops(config, params, tokens, dispatch)
+        monkeypatch.setattr(quant, "TILE_MIN_BYTES", quant.TILE_MIN_BYTES)
+        monkeypatch.undo()
+        # a loop over tiles in every layer (the grouped path traces two: the experts' and the
+        # unrecorded all-experts probe's, which is compiled away)
+        assert tiled - whole in (config.num_layers, 2 * config.num_layers), dispatch
+
+
+@pytest.fixture(scope="module")
+def wide():
+    config = dataclasses.replace(load_config("tiny"), moe_ffn_size=512)  # 8 scale blocks of 64 rows
+    params = gs.init_params(config, seed=3)
+    tokens = np.random.default_rng(0).integers(3, config.vocab_size, size=(4, 24)).astype(np.int32)
+    return config, params, tokens
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "ragged", "dense"])
+@pytest.mark.parametrize("mesh_shape", [None, (1, 4)])
+def test_tiled_experts_match_the_whole_weights(wide, monkeypatch, dispatch, mesh_shape):
+    config, params, tokens = wide
+    mesh = None if mesh_shape is None else make_mesh(*mesh_shape)
+    spec = RecordSpec(routing=True, expert_outputs=(1,))
+    whole = gs.forward(params, config, tokens, record=spec, moe_dispatch=dispatch, mesh=mesh)
+    monkeypatch.setattr(quant, "TILE_MIN_BYTES", 0)  # tile everything that can be tiled
+    _forget_compiled()  # the programs are cached per config: trace them again with tiles
+    shards = 1 if mesh is None else mesh_shape[1]
+    assert hidden_tile(config.emb_size, config.ffn_size, shards, 8) == 64
+    tiled = gs.forward(params, config, tokens, record=spec, moe_dispatch=dispatch, mesh=mesh)
+    _forget_compiled()
+    np.testing.assert_array_equal(np.asarray(tiled.record["expert_index"]), np.asarray(whole.record["expert_index"]))
+    for name in ("expert_output", "moe_output"):
+        np.testing.assert_allclose(np.asarray(tiled.record[name]), np.asarray(whole.record[name]), rtol=1e-5,
+                                   atol=1e-5, err_msg=name)
+    # the logits are rounded to bfloat16 (Grok-1's release): a 1e-6 change may move one by an ulp
+    np.testing.assert_allclose(np.asarray(tiled.logits), np.asarray(whole.logits), rtol=2 ** -7, atol=1e-4)
