@@ -4,6 +4,7 @@ inside each device's shard): the same expert choices and outputs as the whole-we
 import dataclasses
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -84,3 +85,22 @@ def test_tiled_experts_match_the_whole_weights(wide, monkeypatch, dispatch, mesh
                                    atol=1e-5, err_msg=name)
     # the logits are rounded to bfloat16 (Grok-1's release): a 1e-6 change may move one by an ulp
     np.testing.assert_allclose(np.asarray(tiled.logits), np.asarray(whole.logits), rtol=2 ** -7, atol=1e-4)
+
+
+def test_tiled_float_experts_and_dense_mlp_match(monkeypatch):
+    """Grok-2's weights are bfloat16, not int8, and its dense MLP runs through the same tiles."""
+    config = dataclasses.replace(load_config("grok2-tiny"), num_layers=2, moe_ffn_size=512, dense_ffn_size=1024)
+    params = jax.tree.map(lambda v: np.asarray(v).astype(ml_dtypes.bfloat16), gs.init_params(config, seed=4))
+    tokens = np.random.default_rng(1).integers(3, config.vocab_size, size=(2, 20)).astype(np.int32)
+    spec = RecordSpec(routing=True, expert_outputs="all")
+    whole = gs.forward(params, config, tokens, record=spec)
+    monkeypatch.setattr(quant, "TILE_MIN_BYTES", 0)
+    _forget_compiled()
+    assert hidden_tile(config.emb_size, config.dense_ffn_size, 1, 1) == 512
+    tiled = gs.forward(params, config, tokens, record=spec)
+    _forget_compiled()
+    np.testing.assert_array_equal(np.asarray(tiled.record["expert_index"]), np.asarray(whole.record["expert_index"]))
+    for name in ("mlp_output", "moe_output"):
+        np.testing.assert_allclose(np.asarray(tiled.record[name]), np.asarray(whole.record[name]), rtol=1e-5,
+                                   atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(np.asarray(tiled.logits), np.asarray(whole.logits), rtol=1e-5, atol=1e-4)
