@@ -184,56 +184,37 @@ def _ffn(rows, w_gate, w_up, w_down, dtype, gelu: str):
 def grouped_experts(xs, counts, w_gate, w_up, w_down, block: int, gelu: str = "tanh"):
     """Rows xs [R, D] sorted by expert (counts [E] rows each) through their experts.
 
-    A loop over experts (each expert's weights sliced and dequantized once) and, inside,
-    over blocks of `block` rows from the expert's first row until its rows are done. A
-    block may run past the expert's rows into the next expert's; those rows are written
-    again, correctly, when the next expert's loop comes to them (experts go in order and
-    each writes only from its own first row on). Returns [R, D] float32.
+    A loop over experts (each expert's weights sliced and dequantized once, one expert at a
+    time: never a whole [E, D, F] float copy) and, inside, over blocks of `block` rows from the
+    expert's first row until its rows are done. A block may run past the expert's rows into
+    the next expert's; those rows are written again, correctly, when the next expert's loop
+    comes to them (experts go in order and each writes only from its own first row on).
+    Returns [R, D] float32.
 
-    Large weights (`grokscope.quant.hidden_tile`) go tile by tile of the hidden width: each
-    tile of an expert is dequantized once, then every block of the expert's rows adds its
-    share of the output (rows past the expert's own add nothing).
+    This path does not tile the hidden width: at Grok-1's width on a CPU, dequantizing each
+    tile once per block of rows measured slower than one expert at a time
+    (`benchmarks/width.py`).
     """
     R, D = xs.shape
     dtype = xs.dtype
     padded = jnp.concatenate([xs, jnp.zeros((block, D), dtype)])  # windows never clamp
     starts = jnp.cumsum(counts) - counts
-    F = w_gate.shape[-1]
-    shards = _model_shards()
-    tile = hidden_tile(D, F, shards, w_down.n_blocks if isinstance(w_down, QuantizedWeight8bit) else 1)
 
-    def blocks(start, count, out, compute, accumulate: bool):
+    def expert_body(e, out):
+        wg, wu, wd = (dequantize(_expert_slice(w, e), dtype) for w in (w_gate, w_up, w_down))
+        start, count = starts[e], counts[e]
+
         def block_body(carry):
             b, out = carry
             row = start + b * block
-            y = compute(jax.lax.dynamic_slice_in_dim(padded, row, block))
-            if accumulate:
-                own = (row + jnp.arange(block)) < start + count
-                y = jnp.where(own[:, None], y, 0.0) + jax.lax.dynamic_slice_in_dim(out, row, block)
+            rows = jax.lax.dynamic_slice_in_dim(padded, row, block)
+            h_gate = jnp.dot(rows, wg, precision=HIGHEST).astype(jnp.float32)
+            h_up = jnp.dot(rows, wu, precision=HIGHEST).astype(jnp.float32)
+            y = jnp.dot(_gelu(h_gate, gelu) * h_up, wd.astype(jnp.float32), precision=HIGHEST)
             return b + 1, jax.lax.dynamic_update_slice_in_dim(out, y, row, axis=0)
 
         _, out = jax.lax.while_loop(lambda c: c[0] * block < count, block_body, (jnp.int32(0), out))
         return out
-
-    def expert_body(e, out):
-        wg, wu, wd = (_expert_slice(w, e) for w in (w_gate, w_up, w_down))
-        start, count = starts[e], counts[e]
-        if tile is None:
-            return blocks(start, count, out, lambda rows: _ffn(rows, wg, wu, wd, dtype, gelu), False)
-        tiles = F // (shards * tile)
-
-        def tile_body(i, out):
-            gate, up = _column_tile(wg, shards, tiles, i, dtype), _column_tile(wu, shards, tiles, i, dtype)
-            down = _row_tile(wd, shards, tiles, i, dtype).astype(jnp.float32)
-
-            def compute(rows):
-                h_gate = jnp.dot(rows, gate, precision=HIGHEST).astype(jnp.float32)
-                h_up = jnp.dot(rows, up, precision=HIGHEST).astype(jnp.float32)
-                return jnp.dot(_gelu(h_gate, gelu) * h_up, down, precision=HIGHEST)
-
-            return blocks(start, count, out, compute, True)
-
-        return jax.lax.fori_loop(0, tiles, tile_body, out)
 
     out = jax.lax.fori_loop(0, counts.shape[0], expert_body, jnp.zeros((R + block, D), jnp.float32))
     return out[:R]
