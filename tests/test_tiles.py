@@ -62,7 +62,7 @@ def test_the_tiles_are_really_used(wide, monkeypatch):
 
 @pytest.fixture(scope="module")
 def wide():
-    config = dataclasses.replace(load_config("tiny"), moe_ffn_size=512)  # 8 scale blocks of 64 rows
+    config = dataclasses.replace(load_config("tiny"), moe_ffn_size=512, num_layers=2)  # 8 scale blocks of 64 rows
     params = gs.init_params(config, seed=3)
     tokens = np.random.default_rng(0).integers(3, config.vocab_size, size=(4, 24)).astype(np.int32)
     return config, params, tokens

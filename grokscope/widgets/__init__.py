@@ -26,3 +26,12 @@ def __getattr__(name: str):
     if name in _VIEWS:
         return getattr(importlib.import_module(f"grokscope.widgets.{_VIEWS[name]}"), name)
     raise AttributeError(f"module 'grokscope.widgets' has no attribute {name!r}")
+
+
+def _install_renderer() -> None:
+    from grokscope.widgets.offline import install_renderer
+
+    install_renderer()
+
+
+_install_renderer()

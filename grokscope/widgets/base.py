@@ -3,16 +3,22 @@ widgets are refreshed, and its static copy for readers without a kernel."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import copy
+import functools
+import html
+import uuid
+import weakref
+from pathlib import Path
+from typing import Callable
 
 import ipywidgets as W
 import plotly.graph_objects as go
-import plotly.io as pio
+import traitlets
 import xarray as xr
 
-__all__ = ["Source", "refresh", "static_html", "View", "guarded"]
+from grokscope.widgets import offline
 
-_sent_plotlyjs = False
+__all__ = ["Source", "FigureWidget", "refresh", "View", "guarded"]
 
 
 class Source:
@@ -34,6 +40,37 @@ class Source:
         return self.dataset
 
 
+class FigureWidget(go.FigureWidget):
+    """plotly's FigureWidget, with its 5 MB front end sent by the kernel once per page (on the
+    first widget's request) instead of stored in every widget's state; the saved notebook
+    stays small. Once it has drawn, it hides its view's static copy (`View`)."""
+
+    _esm = Path(__file__).with_name("figure_widget.js")
+    _grokscope_view = traitlets.Unicode("").tag(sync=True)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_msg(_answer)
+
+
+def _answer(widget: FigureWidget, content, buffers) -> None:
+    """Replies to figure_widget.js: the front-end bundle, and the figure's current state just
+    before plotly's front end starts (updates sent before it started would otherwise be lost)."""
+    kind = content.get("type") if isinstance(content, dict) else None
+    if kind == "grokscope:bundle-request":
+        widget.send({"type": "grokscope:bundle"}, buffers=[_plotly_widget_bundle()])
+    elif kind == "grokscope:sync":
+        widget._widget_data = copy.deepcopy(widget._data)
+        widget._widget_layout = copy.deepcopy(widget._layout)
+        widget.send({"type": "grokscope:synced"})
+
+
+@functools.lru_cache(maxsize=1)
+def _plotly_widget_bundle() -> bytes:
+    # anywidget has read plotly's bundle (plotly/package_data/widgetbundle.js) into the class
+    return str(go.FigureWidget._esm).encode("utf-8")
+
+
 def refresh(widget: go.FigureWidget, figure: go.Figure) -> None:
     """Makes `widget` show `figure` (traces updated in place when they match, so the
     browser redraws once)."""
@@ -50,44 +87,66 @@ def refresh(widget: go.FigureWidget, figure: go.Figure) -> None:
         widget.layout.update(figure.layout.to_plotly_json(), overwrite=True)
 
 
-def static_html(parts: list[go.Figure | str]) -> str:
-    """Figures (and HTML strings) as self-contained HTML: plotly.js is inlined once per
-    kernel (the first static copy), so an exported notebook renders with no kernel and no
-    network."""
-    global _sent_plotlyjs
-    out = []
-    for part in parts:
-        if isinstance(part, str):
-            out.append(part)
-            continue
-        out.append(pio.to_html(part, full_html=False, include_plotlyjs=not _sent_plotlyjs,
-                               config={"displaylogo": False}))
-        _sent_plotlyjs = True
-    return "\n".join(out)
-
-
 class View(W.VBox):
-    """An ipywidgets box whose display also carries a static HTML copy of its figures
-    (`static_parts`), shown by viewers without a widget manager (e.g. nbconvert's HTML of a
-    notebook saved without widget state)."""
+    """An ipywidgets box shown together with a static HTML copy of what it shows
+    (`static_parts`): a second output, kept equal to the view's current state after every
+    control change, which viewers without a widget manager show (nbconvert's HTML, a saved
+    notebook opened with no kernel) and which the live view hides once its figures draw."""
+
+    def __init__(self, children=(), **kwargs):
+        super().__init__(children, **kwargs)
+        self._view_id = uuid.uuid4().hex
+        self._static_display = None
+        for widget in _descendants(self):
+            if isinstance(widget, FigureWidget):
+                widget._grokscope_view = self._view_id
+            elif isinstance(widget, W.HTML) and getattr(self, "status", None) is widget:
+                widget._grokscope_owner = weakref.ref(self)
 
     def static_parts(self) -> list[go.Figure | str]:  # pragma: no cover - overridden
         return []
 
-    def _repr_mimebundle_(self, **kwargs) -> dict[str, Any]:
-        bundle = super()._repr_mimebundle_(**kwargs)
+    def static_copy(self) -> str:
+        """The static copy's HTML (what a reader without a kernel sees)."""
         try:
-            bundle["text/html"] = static_html(self.static_parts())
+            body = offline.static_html(self.static_parts())
         except Exception as e:  # noqa: BLE001 - the live view must still show
-            bundle["text/html"] = f"<pre>static copy unavailable: {type(e).__name__}: {e}</pre>"
-        return bundle
+            body = f"<pre>static copy unavailable: {html.escape(type(e).__name__)}: {html.escape(str(e))}</pre>"
+        return offline.wrap_static(self._view_id, body)
+
+    def _ipython_display_(self) -> None:
+        from IPython.core import display_functions
+
+        offline.ensure_loader()
+        display_functions.display(self._repr_mimebundle_(), raw=True)
+        self._static_display = display_functions.display({"text/html": self.static_copy()}, raw=True,
+                                                         display_id=True)
+
+    def _update_static(self) -> None:
+        if self._static_display is not None:
+            self._static_display.update({"text/html": self.static_copy()}, raw=True)
+
+
+def _descendants(widget):
+    yield widget
+    for child in getattr(widget, "children", ()):
+        yield from _descendants(child)
+
+
+_depth = 0
 
 
 def guarded(status: W.HTML, action: Callable[[], None]) -> None:
     """Runs a UI action; an error is shown in the view's status line, not lost in a log."""
+    global _depth
+    _depth += 1
     try:
         action()
     except Exception as e:  # noqa: BLE001 - shown to the user
-        import html
-
         status.value = f'<span style="color:#b00">{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>'
+    finally:
+        _depth -= 1
+    owner = getattr(status, "_grokscope_owner", None)
+    view = owner() if owner is not None else None
+    if _depth == 0 and view is not None:
+        view._update_static()
