@@ -280,7 +280,7 @@ def cmd_report(args) -> int:
     from grokscope.store import StoreError
 
     try:
-        out = write_report(args.store, args.output, by=args.by, sequences=args.sequences,
+        out = write_report(args.store, args.output, by=args.by, sequences=args.sequences, layer=args.layer,
                            summary=not args.no_summary)
     except (StoreError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -383,7 +383,10 @@ def _analyze_options():
 @click.argument("store")
 @click.option("-o", "--output", default="report.html", show_default=True, help="the HTML file to write")
 @click.option("--by", help="a per-sequence variable to compare groups by (default: label, if present)")
-@click.option("--sequences", type=int, default=3, show_default=True, help="sequences whose routing is shown")
+@click.option("--sequences", type=int, default=3, show_default=True,
+              help="sequences whose routing is shown, one per group in turn")
+@click.option("--layer", type=int, default=None,
+              help="the layer whose first choice colors each shown sequence's tokens (default: the middle layer)")
 @click.option("--no-summary", is_flag=True, help="leave out the analyze table (its permutation tests)")
 def _report_options():
     pass

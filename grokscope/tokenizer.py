@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import sentencepiece as spm
@@ -36,9 +37,31 @@ _ENCODED_SPECIALS = frozenset(
 _UTF8_BYTES = [b for b in range(256) if b not in (0xC0, 0xC1) and b < 0xF5]
 
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _visible_char(ch: str) -> str:
+    """One character as a label shows it: whitespace as a glyph, other control characters as `\\xNN`."""
+    if ch in _VISIBLE:
+        return _VISIBLE[ch]
+    if ord(ch) < 0x20 or ord(ch) == 0x7F:
+        return f"\\x{ord(ch):02x}"
+    return ch
+
+
 def display_piece(piece: str) -> str:
-    """A piece with its whitespace made visible (space ·, newline ↵, tab →)."""
-    return "".join(_VISIBLE.get(ch, ch) for ch in piece)
+    """A piece as a label shows it: whitespace made visible (space ·, newline ↵, tab →,
+    carriage return ␍), other control characters as `\\xNN`.
+
+    A SentencePiece byte-fallback piece `<0xNN>` shows its byte: the character for printable
+    ASCII (`<0x51>` → `Q`), the glyph for whitespace (`<0x09>` → `→`), `\\xNN` otherwise
+    (`<0xE2>` → `\\xe2`, as tiktoken JSON pieces show such bytes).
+    """
+    byte = _BYTE_PIECE.fullmatch(piece)
+    if byte is not None:
+        value = int(byte.group(1), 16)
+        return _visible_char(chr(value)) if value < 0x80 else f"\\x{value:02x}"
+    return "".join(_visible_char(ch) for ch in piece)
 
 
 class TokenizerError(ValueError):

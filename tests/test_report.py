@@ -38,6 +38,10 @@ def test_report_cli_and_errors(store, tmp_path, capsys):
     assert "--by 'colour'" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.zarr"), "-o", str(tmp_path / "x.html")]) == 1
     assert "not a grokscope store" in capsys.readouterr().err
+    assert main(["report", str(store), "-o", str(tmp_path / "y.html"), "--layer", "99", "--no-summary"]) == 1
+    assert "--layer" in capsys.readouterr().err and not (tmp_path / "y.html").exists()
+    assert main(["report", str(store), "-o", str(tmp_path / "z.html"), "--layer", "1", "--no-summary"]) == 0
+    assert "layer 1" in (tmp_path / "z.html").read_text()
 
 
 def test_report_needs_routing(tmp_path, store):

@@ -11,7 +11,7 @@ from grokscope.analysis.shape import mean_router_entropy, layer_mean, topk_gate_
 from grokscope.analysis.specialization import expert_enrichment
 from grokscope.analysis.temporal import repetition_test
 
-__all__ = ["summarize", "format_summary", "require_routing"]
+__all__ = ["summarize", "format_summary", "require_routing", "SUMMARY_LEGEND"]
 
 
 _ROUTING = ("expert_index", "expert_gate", "router_logits")
@@ -60,6 +60,27 @@ def summarize(ds: xr.Dataset, by: str | None = None, n_permutations: int = 200, 
         out = out.drop_vars("expert", errors="ignore")
         out.attrs["by"] = by
     return out
+
+
+#: What each column of `format_summary`'s table holds: (header, meaning). N = valid tokens,
+#: E = experts, k = experts per token.
+SUMMARY_LEGEND = (
+    ("layer", "decoder layer"),
+    ("load CV", "coefficient of variation (std / mean over experts) of the load, the share of all top-k "
+                "assignments each expert takes; 0 = uniform"),
+    ("(null)", "the load CV that sampling noise alone gives: sqrt((E-k)/(kN)) for N tokens routed uniformly "
+               "at random"),
+    ("min, max", "the smallest and largest expert load (uniform: 1/E)"),
+    ("entropy", "mean over tokens of the router entropy H / ln E (1 = uniform routing, 0 = one expert)"),
+    ("gates", "mean over tokens of the sum of the k gates (softmax over all E experts, not renormalized; "
+              "uniform routing: k/E)"),
+    ("repeat", "share of adjacent token pairs with the same first-choice expert"),
+    ("random", "the same for random routing: 1/E"),
+    ("load-aw", "load-aware baseline: sum over experts of the first-choice load squared (two independent "
+                "draws from the layer's own load)"),
+    ("shuffle", "mean repetition with the tokens shuffled within each sequence"),
+    ("p", "permutation p-value of repeat against the shuffles (two-sided)"),
+)
 
 
 def format_summary(summary: xr.Dataset) -> str:
