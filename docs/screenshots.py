@@ -36,6 +36,8 @@ session = Session()"""),
     ("routing_explorer", """\
 routing = RoutingExplorer(session)
 routing.select(layer=2, position=4)
+routing.expert.value = int(routing.routing.expert_index[2, 4, 0])  # ban the token's first choice
+routing.action.value = "ban"
 routing"""),
     ("attention_explorer", """\
 attention = AttentionExplorer(session)
@@ -46,7 +48,7 @@ dashboard = ExpertDashboard(open_store({STORE!r}))
 dashboard"""),
 ]
 # how many plotly figures each widget shows once drawn
-FIGURES = {"routing_explorer": 2, "attention_explorer": 2, "expert_dashboard": 5}
+FIGURES = {"routing_explorer": 3, "attention_explorer": 2, "expert_dashboard": 5}
 
 
 def _grokscope(*args: str, cwd: Path) -> None:
@@ -93,12 +95,12 @@ def widgets(root: Path, out: Path, playwright) -> list[Path]:
                     has=page.locator(".jupyter-widgets")).first
                 browser.scroll_into_view(page, output)
                 output.scroll_into_view_if_needed()
-                plots = output.locator(".js-plotly-plot .main-svg")
+                plots = output.locator(".js-plotly-plot:visible .main-svg")
                 deadline = time.monotonic() + 60
-                while output.locator(".js-plotly-plot").count() < FIGURES[name]:
+                while output.locator(".js-plotly-plot:visible").count() < FIGURES[name]:
                     if time.monotonic() > deadline:
                         page.screenshot(path=str(out / f"FAILED-{name}-page.png"))
-                        raise TimeoutError(f"{name}: {output.locator('.js-plotly-plot').count()} of "
+                        raise TimeoutError(f"{name}: {output.locator('.js-plotly-plot:visible').count()} of "
                                            f"{FIGURES[name]} figures rendered")
                     page.wait_for_timeout(250)
                 plots.first.wait_for(state="visible")

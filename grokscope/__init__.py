@@ -56,6 +56,18 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
+def _in_a_kernel() -> bool:
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+if _in_a_kernel():
+    # In a notebook, plotly figures carry an offline HTML copy (grokscope.widgets.offline), so
+    # that an exported or kernel-less notebook still shows them.
+    importlib.import_module("grokscope.widgets.offline").install_renderer()
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f"grokscope.{_EXPORTS[name]}"), name)

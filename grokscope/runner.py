@@ -123,8 +123,8 @@ def _program(config, record: RecordSpec, compute_dtype: str, dispatch: str, inte
              outputs: tuple[str, ...]):
     apply = make_forward(config, record, compute_dtype, dispatch, interventions)
 
-    def program(params, tokens, positions, at):
-        logits, rec = apply(params, tokens, positions)
+    def program(params, tokens, positions, at, ban_mask=None, dense_off=None):
+        logits, rec = apply(params, tokens, positions, ban_mask, dense_off)
         return rec, _reductions(logits, tokens, at, outputs)
 
     return jax.jit(program)
@@ -144,13 +144,19 @@ def _place(mesh, *arrays):
 
 def run(model, tokens: np.ndarray, record: RecordSpec = RecordSpec(), *, compute_dtype: str = "float32",
         interventions: Sequence = (), outputs: Sequence[str] = (), at: np.ndarray | None = None,
-        dispatch: str = "sparse", positions: np.ndarray | None = None) -> tuple[dict, dict]:
+        dispatch: str = "sparse", positions: np.ndarray | None = None, layer_masks: bool = False
+        ) -> tuple[dict, dict]:
     """Runs `model` on padded `tokens` [B, T] (`positions` default 0..T-1 in every row).
 
     Returns (record, outputs): the recorded quantities and the asked-for reductions of the
     logits (see the module docstring), all device arrays, split over the mesh's `data` axis.
     `at` [B]: the position of each row whose next-token distribution `last_logprobs` gives
     (default the last).
+
+    `layer_masks`: whole-layer bans and dense-MLP zeroing (and no intervention at all) go to
+    the program as masks, traced data, so that one compiled program per shape serves all of
+    them (the numbers are those of the compiled-in interventions); other interventions are
+    compiled in as usual.
     """
     outputs = tuple(outputs)
     unknown = sorted(set(outputs) - set(OUTPUTS))
@@ -162,10 +168,20 @@ def run(model, tokens: np.ndarray, record: RecordSpec = RecordSpec(), *, compute
     interventions = tuple(interventions)
     for iv in interventions:
         iv.check(model.config)
-    program = _program(model.config, record, compute_dtype, dispatch, interventions, outputs)
+    masks = _layer_masks(interventions, model.config) if layer_masks else None
+    program = _program(model.config, record, compute_dtype, dispatch, () if masks is not None else interventions,
+                       outputs)
     tokens_in, positions_in, at_in = _place(model.mesh, tokens, positions, at)
     with _on_mesh(model.mesh):
-        return program(model.params, tokens_in, positions_in, at_in)
+        return program(model.params, tokens_in, positions_in, at_in, *(masks or ()))
+
+
+def _layer_masks(interventions: tuple, config) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """`_as_layer_masks`, and masks that ban nothing for no intervention."""
+    if not interventions:
+        return (np.zeros((config.num_layers, config.num_experts), bool),
+                np.zeros(config.num_layers, bool) if config.has_dense_mlp else None)
+    return _as_layer_masks(interventions, config)
 
 
 def run_ids(model, ids: Sequence[Sequence[int]], length: int, record: RecordSpec = RecordSpec(),

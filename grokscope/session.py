@@ -8,8 +8,14 @@ checkpoint in Grok-1's or Grok-2's release layout (`grokscope.formats`). `sessio
 
 from __future__ import annotations
 
+import atexit
+import collections
 import dataclasses
+import functools
 import json
+import logging
+import queue
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -130,6 +136,9 @@ class Session:
         self.record = record
         self.compute_dtype = compute_dtype
         self._vocab_pieces = self._model.tokenizer.pieces(range(self._model.tokenizer.vocab_size))
+        self._recent: collections.OrderedDict = collections.OrderedDict()  # _run_one's last results
+        self._recent_lock = threading.Lock()
+        self._warmed: set = set()
 
     @property
     def config(self) -> ModelConfig:
@@ -161,24 +170,109 @@ class Session:
         Returns (token ids, p_original, p_intervened) over the union of both top-`n` tokens,
         ordered by the original probability.
         """
-        import jax
-
-        from grokscope.runner import run_ids
-
         token_ids = [int(t) for t in token_ids]
         if not 0 <= position < len(token_ids):
             raise ValueError(f"next_token_distributions: position {position} outside the {len(token_ids)} tokens")
-        length = bucket_length(len(token_ids), self.config.sequence_len)
-        at = np.array([position], np.int32)
-        common = dict(compute_dtype=self.compute_dtype, outputs=("last_logprobs",), at=at)
-        _, _, original = run_ids(self._model, [token_ids], length, RecordSpec(routing=False), **common)
-        _, _, changed = run_ids(self._model, [token_ids], length, RecordSpec(routing=False),
-                                interventions=tuple(interventions), **common)
-        p = np.exp(np.asarray(jax.device_get(original["last_logprobs"][0]), np.float64))
-        q = np.exp(np.asarray(jax.device_get(changed["last_logprobs"][0]), np.float64))
+        p = np.exp(self._run_one(token_ids, (), position)[1])
+        q = np.exp(self._run_one(token_ids, tuple(interventions), position)[1])
         ids = list(dict.fromkeys([int(i) for i in np.argsort(-p)[:n]] + [int(i) for i in np.argsort(-q)[:n]]))
         ids.sort(key=lambda i: -p[i])
         return ids, p[ids], q[ids]
+
+    def _run_one(self, token_ids: Sequence[int], interventions: tuple = (), position: int | None = None,
+                 record: RecordSpec | None = None, text: str | None = None):
+        """One sequence of token ids under `interventions`: its Dataset (recording `record`,
+        default the session's; `text` its prompt, default the decoded ids) and the next-token
+        log-probabilities after `position` (default the last token), float64 [V].
+
+        Whole-layer bans (and no intervention) run as data, in one compiled program per length
+        bucket; the last few results are kept, so going back to a state costs nothing.
+        """
+        import jax
+
+        from grokscope.record import to_store_dtypes
+        from grokscope.runner import run_ids
+
+        ids, interventions, position, record = self._one_key(token_ids, interventions, position, record)
+        key = (ids, interventions, record)
+        with self._recent_lock:
+            entry = self._recent.get(key)
+            if entry is not None:
+                self._recent.move_to_end(key)
+        if entry is None or position not in entry["logprobs"]:
+            length = bucket_length(len(ids), self.config.sequence_len)
+            tokens, rec, out = run_ids(self._model, [list(ids)], length, record, compute_dtype=self.compute_dtype,
+                                       interventions=interventions, outputs=("last_logprobs",),
+                                       at=np.array([position], np.int32), layer_masks=True)
+            logprobs = np.asarray(jax.device_get(out["last_logprobs"][0]), np.float64)
+            if entry is None:
+                rec = jax.device_get(to_store_dtypes(rec, self.config))
+                entry = {"dataset": self._dataset([self.tokenizer.decode(list(ids))], [list(ids)], tokens, rec, record),
+                         "logprobs": {}}
+            entry["logprobs"][position] = logprobs
+            with self._recent_lock:
+                self._recent[key] = entry
+                while len(self._recent) > 32:
+                    self._recent.popitem(last=False)
+        ds = entry["dataset"]
+        if text is not None and ds["prompt"].values[0] != text:
+            ds = ds.assign(prompt=ds["prompt"].copy(data=np.array([text], dtype=ds["prompt"].dtype)))
+        return ds, entry["logprobs"][position]
+
+    def _has_run(self, token_ids: Sequence[int], interventions: tuple = (), position: int | None = None,
+                 record: RecordSpec | None = None) -> bool:
+        """Whether `_run_one` has this result at hand (then it returns at once)."""
+        ids, interventions, position, record = self._one_key(token_ids, interventions, position, record)
+        with self._recent_lock:
+            entry = self._recent.get((ids, interventions, record))
+            return entry is not None and position in entry["logprobs"]
+
+    def _one_key(self, token_ids, interventions, position, record):
+        ids = tuple(int(t) for t in token_ids)
+        if not ids:
+            raise ValueError("the sequence has no tokens")
+        position = len(ids) - 1 if position is None else int(position)
+        if not 0 <= position < len(ids):
+            raise ValueError(f"position {position} outside the {len(ids)} tokens")
+        return ids, tuple(interventions), position, record or self.record
+
+    def _warm_up(self, kind: str, record: RecordSpec | None = None, lengths: Sequence[int] = (16, 32, 48, 64),
+                 total: int | None = None) -> None:
+        """Compiles, in a background thread, the programs that prompts of these lengths will run,
+        so that a new prompt does not wait for a compilation: `kind` "one" (`_run_one`), "run"
+        (`run` of one prompt) or "generate" (`generate` of prompts of these lengths with `total`
+        positions in all). Each program is compiled once per session."""
+        record = record or self.record
+        rows = None if total is None else bucket_length(total, self.config.sequence_len)
+        if kind == "generate" and rows is None:
+            raise ValueError("_warm_up('generate'): give the total length")
+        for n in lengths:
+            n = bucket_length(n, self.config.sequence_len)
+            key = (kind, record, n if rows is None else min(n, rows), rows)
+            if key in self._warmed:
+                continue
+            self._warmed.add(key)
+            _warm_pool().submit(functools.partial(self._compile, key))
+
+    def _compile(self, key) -> None:
+        import jax
+
+        from grokscope.runner import decode, new_cache, run_ids
+
+        kind, record, n, total = key
+        ids = [[1] * n]
+        if kind == "one":
+            out = run_ids(self._model, ids, n, record, compute_dtype=self.compute_dtype, outputs=("last_logprobs",),
+                          at=np.array([n - 1], np.int32), layer_masks=True)
+        elif kind == "run":
+            out = run_ids(self._model, ids, n, record, compute_dtype=self.compute_dtype)
+        else:
+            cache = new_cache(self._model, 1, total, self.compute_dtype)
+            _, _, cache = decode(self._model, np.asarray(ids, np.int32), 0, cache, record,
+                                 compute_dtype=self.compute_dtype)
+            cache = _continue_at(cache, n)
+            out = decode(self._model, np.ones((1, 1), np.int32), n, cache, record, compute_dtype=self.compute_dtype)
+        jax.block_until_ready(out)
 
     def run(self, prompts: str | Sequence[str], record: RecordSpec | None = None,
             metadata: dict[str, Sequence[Any]] | None = None):
@@ -276,17 +370,27 @@ class Session:
         if total > self.config.sequence_len:
             raise ValueError(f"generate: {len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's "
                              f"sequence_len {self.config.sequence_len}")
-        cache = new_cache(self._model, 1, bucket_length(total, self.config.sequence_len), self.compute_dtype)
+        rows = bucket_length(total, self.config.sequence_len)
+        cache = new_cache(self._model, 1, rows, self.compute_dtype)
         rng = np.random.default_rng(seed)
         records, step_logits, new = [], [], []
 
-        def run(tokens, start, cache):
+        def run(tokens, start, cache, keep=None):
             logits, rec, cache = decode(self._model, np.asarray([tokens], np.int32), start, cache, record,
                                         compute_dtype=self.compute_dtype)
-            records.append(jax.device_get(to_store_dtypes(rec, self.config)))
-            return np.asarray(logits[0, -1], np.float32), cache
+            rec = jax.device_get(to_store_dtypes(rec, self.config))
+            if keep is not None:
+                rec = {name: np.take(value, np.arange(keep), axis=QUANTITIES[name].position_axis)
+                       for name, value in rec.items()}
+            records.append(rec)
+            return np.asarray(logits[0, (keep or len(tokens)) - 1], np.float32), cache
 
-        logits, cache = run(ids, 0, cache)
+        # The prompt runs padded to its length bucket (one compiled program per bucket, not per
+        # length): padding is never attended to, and the cache then continues after the prompt.
+        padded = ids + [self.config.pad_token] * (min(bucket_length(len(ids), self.config.sequence_len), rows)
+                                                  - len(ids))
+        logits, cache = run(padded, 0, cache, keep=len(ids))
+        cache = _continue_at(cache, len(ids))
         for i in range(max_new_tokens):
             token = _choose(logits, temperature, top_p, rng)
             step_logits.append(logits)
@@ -310,6 +414,60 @@ class Session:
         ds = self._dataset([prompt + text], [all_ids], np.asarray([all_ids]), outputs, record, extra=extra)
         return Generation(text=text, prompt=prompt, token_ids=all_ids, prompt_length=len(ids),
                           logits=np.stack(step_logits), dataset=ds)
+
+
+def _continue_at(cache: dict, length: int) -> dict:
+    """The cache after a padded prompt: the next tokens go to row `length` (where the padding
+    starts)."""
+    import jax
+
+    # placed as the decoder returns it, so that every step after the prompt runs one program
+    return {**cache, "length": jax.device_put(np.asarray(length, cache["length"].dtype), cache["length"].sharding)}
+
+
+class _Background:
+    """One background thread that runs jobs in order (`Session._warm_up`'s compilations). At
+    exit the jobs not started are dropped and the running one is waited for."""
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="grokscope-warm-up", daemon=True)
+        self.thread.start()
+        atexit.register(self.stop)
+
+    def submit(self, job) -> None:
+        self.jobs.put(job)
+
+    def wait(self) -> None:
+        """Returns when every job submitted so far has run."""
+        self.jobs.join()
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                if job is None:
+                    return
+                job()
+            except Exception:  # noqa: BLE001 - a warm-up is only ahead of time; the real call reports
+                logging.getLogger(__name__).debug("warm-up failed", exc_info=True)
+            finally:
+                self.jobs.task_done()
+
+    def stop(self) -> None:
+        while True:
+            try:
+                self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            self.jobs.task_done()
+        self.jobs.put(None)
+        self.thread.join(timeout=60)
+
+
+@functools.lru_cache(maxsize=1)
+def _warm_pool() -> _Background:
+    return _Background()
 
 
 def _check_metadata(metadata: dict | None, n: int) -> None:

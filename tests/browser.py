@@ -27,7 +27,8 @@ from pathlib import Path
 
 __all__ = ["CHROMIUM", "HARMLESS_CONSOLE", "start_lab", "stop_lab", "launch_browser", "close_browser",
            "open_notebook", "run_all", "run_notebook_in_lab", "wait_kernel_idle", "unexpected",
-           "visible_panel", "console_errors", "scroll_into_view"]
+           "visible_panel", "console_errors", "scroll_into_view", "outputs_overflowing", "watch_titles",
+           "titles_seen"]
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -176,7 +177,13 @@ def scroll_into_view(page, locator, timeout: float = 30.0) -> None:
             raise TimeoutError(f"{locator} did not appear in the notebook")
         outer.evaluate("el => el.scrollBy(0, el.clientHeight / 2)")
         page.wait_for_timeout(200)
-    locator.first.scroll_into_view_if_needed()
+    while True:  # the element may be replaced (or a view's static copy hidden) meanwhile: find it again
+        try:
+            locator.first.scroll_into_view_if_needed(timeout=5_000)
+            return
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError
+            if time.monotonic() > deadline:
+                raise
 
 
 def wait_kernel_idle(page, timeout: float = 120.0) -> None:
@@ -218,7 +225,7 @@ def run_all(page, timeout: float = 120.0) -> None:
             return p && [...p.querySelectorAll('.jp-InputArea-prompt')].some(e => /\\[[0-9*]+\\]/.test(e.textContent));
         }""", arg=PANEL, timeout=timeout * 1000)
     wait_kernel_idle(page, timeout)
-    plot = page.locator(f"{PANEL} .js-plotly-plot .main-svg")
+    plot = page.locator(f"{PANEL} .js-plotly-plot .main-svg").filter(visible=True)  # not a hidden static copy
     scroll_into_view(page, plot, timeout)
     plot.first.wait_for(state="visible", timeout=timeout * 1000)
 
@@ -231,3 +238,72 @@ def run_notebook_in_lab(page, base_url: str, token: str, path: str, timeout: flo
     open_notebook(page, base_url, token, path, timeout)
     run_all(page, timeout)
     return errors
+
+
+_MEASURE = """(panel) => {
+    // every drawn figure and widget box in the outputs now laid out, against its output area
+    const out = [];
+    for (const area of document.querySelectorAll(`${panel} .jp-OutputArea-output`)) {
+        const a = area.getBoundingClientRect();
+        if (a.width === 0) continue;
+        const parts = area.querySelectorAll(
+            '.js-plotly-plot, .js-plotly-plot .main-svg, .jupyter-widgets, .widget-box');
+        for (const el of parts) {
+            const r = el.getBoundingClientRect();
+            if (r.width === 0 || r.height === 0) continue;  // a hidden static copy
+            const plot = el.closest('.js-plotly-plot');
+            const title = plot && plot.layout && plot.layout.title ? String(plot.layout.title.text).slice(0, 60) : '';
+            out.push({area: [a.left, a.right], box: [r.left, r.right], what: el.className.baseVal !== undefined
+                      ? 'svg' : el.className.split(' ').slice(0, 2).join(' '), title});
+        }
+    }
+    return out;
+}"""
+
+
+def outputs_overflowing(page, tolerance: float = 1.0) -> tuple[list[dict], int, float]:
+    """Scrolls the whole notebook and measures every drawn figure (its div and its svg) and
+    widget box in the outputs. Returns (the boxes wider than their output area or reaching
+    past its edges, how many boxes were measured, the widest output area)."""
+    outer = page.locator(f"{PANEL} .jp-WindowedPanel-outer").first
+    outer.evaluate("el => el.scrollTo(0, 0)")
+    page.wait_for_timeout(300)
+    bad, seen, widest = {}, set(), 0.0
+    while True:
+        for box in page.evaluate(_MEASURE, PANEL):
+            (left, right), (x0, x1) = box["area"], box["box"]
+            widest = max(widest, right - left)
+            key = (box["what"], box["title"], round(x0), round(x1))
+            seen.add(key)
+            if x1 - x0 > right - left + tolerance or x1 > right + tolerance or x0 < left - tolerance:
+                bad[key] = box
+        at_end = outer.evaluate("el => el.scrollTop + el.clientHeight >= el.scrollHeight - 2")
+        if at_end:
+            break
+        outer.evaluate("el => el.scrollBy(0, el.clientHeight * 0.7)")
+        page.wait_for_timeout(250)
+    return list(bad.values()), len(seen), widest
+
+
+def watch_titles(page, plots: dict) -> None:
+    """Starts recording every title each plotly figure in `plots` ({name: locator}) shows
+    (plotly's own layout, read at each change of the figure's DOM)."""
+    handles = {name: locator.element_handle() for name, locator in plots.items()}
+    page.evaluate("""(plots) => {
+        window.__grokscopeTitles = {};
+        for (const [name, el] of Object.entries(plots)) {
+            const seen = window.__grokscopeTitles[name] = [];
+            const read = () => {
+                const t = el.layout && el.layout.title ? String(el.layout.title.text) : null;
+                if (seen.length === 0 || seen[seen.length - 1] !== t) seen.push(t);
+            };
+            read();
+            new MutationObserver(read).observe(el, {subtree: true, childList: true, characterData: true,
+                                                    attributes: true});
+        }
+    }""", handles)
+
+
+def titles_seen(page) -> dict[str, list[str]]:
+    """{name: the titles shown since `watch_titles`, in order (the first is the one shown then)}."""
+    return page.evaluate("() => window.__grokscopeTitles")

@@ -93,3 +93,24 @@ def bundled_session():
     from grokscope import Session
 
     return Session()
+
+
+@pytest.fixture
+def playwright():
+    """playwright driving Debian's Chromium (tests/browser.py); without either the test skips
+    locally and fails in CI (where CI is set)."""
+    import browser
+
+    if not Path(browser.CHROMIUM).exists():
+        message = f"{browser.CHROMIUM} is missing: the browser tests need Debian's Chromium (apt install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("playwright is not installed (pip install -e .[dev])")
+        pytest.skip("playwright is not installed (pip install -e .[dev])")
+    with sync_playwright() as pw:
+        yield pw

@@ -4,11 +4,11 @@ They drive Debian's Chromium (/usr/bin/chromium) through playwright; without it 
 locally and fail in CI (where CI is set).
 """
 
-import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,23 +22,6 @@ pytestmark = pytest.mark.slow  # minutes: `pytest -m 'not slow'` leaves them out
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "notebooks" / "01_quickstart.ipynb"
 EXAMPLES = REPO / "grokscope" / "assets" / "grok-tiny" / "examples.jsonl"
-
-
-@pytest.fixture
-def playwright():
-    if not Path(browser.CHROMIUM).exists():
-        message = f"{browser.CHROMIUM} is missing: the browser tests need Debian's Chromium (apt install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("playwright is not installed (pip install -e .[dev])")
-        pytest.skip("playwright is not installed (pip install -e .[dev])")
-    with sync_playwright() as pw:
-        yield pw
 
 
 def _assert_screenshot(path: Path) -> None:
@@ -66,30 +49,92 @@ def _framed_layer(title: str) -> int:
     return int(match.group(1))
 
 
+OUTPUT_WIDTH = 968  # px: the output area of a notebook in a 1400-px wide window
+UPDATING = "updating…"
+
+
+def _quickstart_with_dashboard(path: Path) -> None:
+    """The quickstart notebook, with the ExpertDashboard of its labelled batch appended."""
+    import nbformat
+
+    nb = nbformat.read(QUICKSTART, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "from grokscope.widgets import ExpertDashboard\n\nExpertDashboard(batch, by=\"label\")"))
+    nbformat.write(nb, path)
+
+
+def _plot(output, title_start: str):
+    return output.locator(".js-plotly-plot:visible").filter(
+        has=output.page.locator(".gtitle", has_text=re.compile("^" + re.escape(title_start)))).first
+
+
+def _timed(page, times: dict, name: str, action, condition: str, arg) -> None:
+    """Runs `action` (a browser input) and waits until `condition` (JS, of `arg`) holds; keeps
+    the seconds it took in `times[name]`."""
+    start = time.monotonic()
+    action()
+    page.wait_for_function(condition, arg=arg, timeout=60_000, polling=20)
+    times[name] = time.monotonic() - start
+
+
+_SETTLED = """([plots, wanted]) => plots.every((el, i) => {
+    const t = el.layout && el.layout.title ? String(el.layout.title.text) : '';
+    return !t.startsWith('updating') && wanted[i].every(w => t.includes(w));
+})"""
+
+
+def _assert_never_stale(page, expected: dict[str, list[str]]) -> None:
+    """Every title a panel showed after the first change is either marked as updating or names
+    the new state (`expected`: {panel: the strings its title must hold})."""
+    for name, titles in browser.titles_seen(page).items():
+        wanted = expected.get(name)
+        if not wanted:
+            continue
+        shown = titles[1:]  # titles[0]: what it showed before the control moved
+        assert shown, f"{name}: the title never changed (still {titles[0]!r})"
+        for title in shown:
+            assert title.startswith(UPDATING) or all(w in title for w in wanted), \
+                f"{name} showed {title!r} as current after the change; expected {wanted} (seen: {titles})"
+        assert all(w in shown[-1] for w in wanted), f"{name}: ends at {shown[-1]!r}, expected {wanted}"
+
+
 def test_quickstart_notebook_in_jupyterlab(tmp_path, playwright):
     assert QUICKSTART.exists(), f"{QUICKSTART} is missing"
     root = tmp_path / "lab"
     root.mkdir()
-    shutil.copy(QUICKSTART, root / QUICKSTART.name)  # Lab saves into the copy, never into the repo
+    _quickstart_with_dashboard(root / QUICKSTART.name)  # Lab saves into the copy, never into the repo
     process, base_url, token = browser.start_lab(root)
     try:
-        context = browser.launch_browser(playwright)
+        context = browser.launch_browser(playwright, viewport={"width": 1400, "height": 1000})
         try:
             page = context.new_page()
-            errors = browser.run_notebook_in_lab(page, base_url, token, QUICKSTART.name)
+            errors = browser.run_notebook_in_lab(page, base_url, token, QUICKSTART.name, timeout=240)
             panel = browser.visible_panel(page)
+
+            # Every view fits its output area (figures follow the area's width; rows wrap).
+            bad, measured, widest = browser.outputs_overflowing(page)
+            assert widest == pytest.approx(OUTPUT_WIDTH, abs=40), f"the output area is {widest} px wide"
+            assert measured >= 10, f"only {measured} figures and widget boxes measured"
+            assert not bad, "boxes wider than their output area or past its edge:\n" + \
+                "\n".join(f"{b['what']} {b['title']!r}: {b['box']} in {b['area']}" for b in bad)
+            assert panel.locator(".js-plotly-plot:visible .sankey").count() >= 1, "the dashboard did not draw"
+
             # The RoutingExplorer bound to the Session: the first output holding a routing heatmap.
             explorer = panel.locator(".jp-Cell-outputArea").filter(
                 has=page.locator(".gtitle", has_text="first-choice expert per token and layer")).first
             browser.scroll_into_view(page, explorer)
-            plot = explorer.locator(".js-plotly-plot").filter(
-                has=page.locator(".gtitle", has_text="first-choice expert")).first
+            plot = _plot(explorer, "first-choice expert")
+            probs = _plot(explorer, "router probabilities")
+            next_token = _plot(explorer, "next token after")
             plot.locator(".main-svg").first.wait_for(state="visible")
             before = _heatmap_state(plot)
             assert before["cells"] >= 1, "the heatmap drew no cells"
             assert before["title"] == before["layoutTitle"]
             layer = _framed_layer(before["title"])
             assert before["frame"]["y1"] - before["frame"]["y0"] == pytest.approx(1.0)
+            panels = {"heatmap": plot, "probs": probs, "next_token": next_token}
+            handles = [plot.element_handle(), probs.element_handle(), next_token.element_handle()]
+            times: dict[str, float] = {}
 
             slider = explorer.locator(".widget-slider").filter(
                 has=page.locator(".widget-label", has_text=re.compile(r"^layer$"))).first
@@ -97,12 +142,11 @@ def test_quickstart_notebook_in_jupyterlab(tmp_path, playwright):
             assert readout.inner_text().strip() == str(layer)
             handle = slider.locator(".noUi-handle").first
             handle.focus()
-            handle.press("ArrowRight")
             # SelectionSlider over layers 0..L-1: one step right frames the next layer (or the last)
-            page.wait_for_function(
-                """([el, old]) => { const t = el.querySelector('.gtitle');
-                                    return t && !t.textContent.endsWith(`layer ${old})`); }""",
-                arg=[plot.element_handle(), layer], timeout=30_000)
+            browser.watch_titles(page, panels)
+            _timed(page, times, "layer slider", lambda: handle.press("ArrowRight"), _SETTLED,
+                   [handles[:1], [[f"(framed: layer {layer + 1})"]]])
+            _assert_never_stale(page, {"heatmap": [f"(framed: layer {layer + 1})"]})
             after = _heatmap_state(plot)
             assert _framed_layer(after["title"]) == layer + 1
             assert after["layoutTitle"] == after["title"]
@@ -111,6 +155,49 @@ def test_quickstart_notebook_in_jupyterlab(tmp_path, playwright):
             assert after["frame"]["y1"] == pytest.approx(before["frame"]["y1"] + 1)
             # the coloured text follows the slider too
             assert explorer.locator("b", has_text=f"layer {layer + 1}").count() >= 1
+            layer += 1
+
+            token = explorer.locator(".widget-slider").filter(
+                has=page.locator(".widget-label", has_text=re.compile(r"^token$"))).first
+            position = int(token.locator(".widget-readout").inner_text().strip())
+            step = "ArrowLeft" if position > 0 else "ArrowRight"
+            position += -1 if position > 0 else 1
+            token.locator(".noUi-handle").first.focus()
+            browser.watch_titles(page, panels)
+            wanted = {"probs": [f"of token {position} "], "next_token": [f"(position {position})"]}
+            _timed(page, times, "token slider", lambda: token.locator(".noUi-handle").first.press(step), _SETTLED,
+                   [handles[1:], [wanted["probs"], wanted["next_token"]]])
+            _assert_never_stale(page, wanted)
+
+            # Interventions: ban, then another expert; the panels never show the previous one as current.
+            browser.watch_titles(page, panels)
+            ban_0 = f"ban expert 0 (layer {layer})"
+            _timed(page, times, "intervene: ban", lambda: explorer.locator("button", has_text=re.compile("^ban$"))
+                   .first.click(), _SETTLED, [[handles[0], handles[2]], [[ban_0], [f"under {ban_0}", "KL"]]])
+            _assert_never_stale(page, {"heatmap": [ban_0], "next_token": [f"under {ban_0}"]})
+            expert = explorer.locator(".widget-dropdown").filter(
+                has=page.locator(".widget-label", has_text=re.compile(r"^expert$"))).locator("select").first
+            browser.watch_titles(page, panels)
+            ban_3 = f"ban expert 3 (layer {layer})"
+            _timed(page, times, "intervene: expert 3", lambda: expert.select_option("3"), _SETTLED,
+                   [[handles[0], handles[2]], [[ban_3], [f"under {ban_3}", "KL"]]])
+            _assert_never_stale(page, {"heatmap": [ban_3], "next_token": [f"under {ban_3}"]})
+            assert "rerouted" in browser.titles_seen(page)["heatmap"][-1]
+
+            # Run with a new prompt: every panel is marked until it shows the new prompt's state.
+            browser.watch_titles(page, panels)
+            explorer.locator("textarea").first.fill("x = 1")
+            _timed(page, times, "Run, new prompt", lambda: explorer.locator("button", has_text="Run").first.click(),
+                   """(el) => el.layout && !String(el.layout.title.text).startsWith('updating') &&
+                              el.layout.xaxis.ticktext && el.layout.xaxis.ticktext.length <= 6""", handles[0])
+            page.wait_for_function(_SETTLED, arg=[handles, [[ban_3], ["router probabilities"], [f"under {ban_3}"]]],
+                                   timeout=60_000)
+            seen = browser.titles_seen(page)
+            assert any(t.startswith(UPDATING) for t in seen["next_token"][1:]), \
+                f"the next-token panel was not marked as updating during Run: {seen['next_token']}"
+            _assert_never_stale(page, {"heatmap": [ban_3], "next_token": [f"under {ban_3}"]})
+            print("\ncontrol-to-update times in JupyterLab (s): "
+                  + ", ".join(f"{name} {seconds:.2f}" for name, seconds in times.items()))
 
             shot = tmp_path / "routing_explorer.png"
             explorer.screenshot(path=str(shot))

@@ -8,6 +8,11 @@ a notebook finds repo-relative paths (e.g. `activations/`) with
 environment, including XLA_FLAGS (8 simulated CPU devices, set in conftest.py).
 
 Code cells tagged "figure" (cell metadata `tags`) must produce at least one display output.
+
+Each executed notebook is then exported with nbconvert's HTML exporter, as
+`jupyter nbconvert --to html` does, and opened in Chromium with the network blocked: every
+figure must draw (the views' static copies and plain figures, plotly.js from the notebook
+itself), and the executed .ipynb, widget state included, stays under 5 MB.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ EXPECTED = ["01_quickstart.ipynb", "02_attention.ipynb", "03_batch_dump_and_anal
             "05_interventions.ipynb", "06_grok2.ipynb"]
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _DISPLAY = ("display_data", "execute_result")
+_EXECUTED: dict[str, Path] = {}  # notebook name -> its executed copy (reused by the export test)
+MAX_NOTEBOOK_BYTES = 5_000_000
 
 def _notebooks() -> list[Path]:
     return sorted(NOTEBOOKS.glob("*.ipynb"))
@@ -68,6 +75,7 @@ def test_notebook_runs(path: Path, tmp_path, monkeypatch):
     finally:
         elapsed = time.perf_counter() - start
         nbformat.write(nb, tmp_path / path.name)
+        _EXECUTED[path.name] = tmp_path / path.name
         print(f"{path.name}: executed in {elapsed:.1f} s (executed copy: {tmp_path / path.name})")
 
     errors = _error_outputs(nb)
@@ -76,3 +84,62 @@ def test_notebook_runs(path: Path, tmp_path, monkeypatch):
         if cell.cell_type == "code" and "figure" in cell.metadata.get("tags", []):
             shown = [o for o in cell.get("outputs", []) if o.get("output_type") in _DISPLAY]
             assert shown, f"{path.name}: cell {index} should show a figure but has no display output:\n{cell.source}"
+    size = (tmp_path / path.name).stat().st_size
+    assert size < MAX_NOTEBOOK_BYTES, f"{path.name}: the executed notebook is {size / 1e6:.1f} MB"
+
+
+def _export_html(executed: Path) -> Path:
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(executed, as_version=4)
+    body, _ = HTMLExporter().from_notebook_node(
+        nb, resources={"metadata": {"name": executed.stem, "path": str(executed.parent)}})
+    out = executed.with_suffix(".html")
+    out.write_text(body, encoding="utf-8")
+    return out
+
+
+def _expected_figures(executed: Path) -> int:
+    """Figures the exported page must draw: one per plotly figure in a plain output, and every
+    figure in a view's static copy (their JSON is in the notebook)."""
+    nb = nbformat.read(executed, as_version=4)
+    count = 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            data = out.get("data", {})
+            if "application/vnd.plotly.v1+json" in data:
+                assert "text/html" in data, f"{executed.name}: a plotly figure without an HTML copy"
+            count += data.get("text/html", "").count('class="grokscope-figure"')
+    return count
+
+
+def test_exported_notebooks_show_every_figure_offline(tmp_path, monkeypatch, playwright):
+    import browser
+
+    for path in _notebooks():
+        if path.name not in _EXECUTED:  # run on its own: execute first
+            (tmp_path / path.stem).mkdir()
+            test_notebook_runs(path, tmp_path / path.stem, monkeypatch)
+    context = browser.launch_browser(playwright)
+    try:
+        context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(
+            ("file://", "data:", "blob:")) else route.abort())
+        for name, executed in sorted(_EXECUTED.items()):
+            expected = _expected_figures(executed)
+            page = context.new_page()
+            errors = browser.console_errors(page)
+            page.goto(_export_html(executed).as_uri())
+            drawn = lambda: page.locator(".grokscope-figure.js-plotly-plot").count()  # noqa: E731
+            try:
+                page.wait_for_function("n => document.querySelectorAll('.grokscope-figure.js-plotly-plot').length >= n",
+                                       arg=expected, timeout=60_000)
+            except Exception:  # noqa: BLE001 - reported below with the counts
+                pass
+            assert drawn() == expected, f"{name}: {drawn()} of {expected} figures drawn offline"
+            assert page.locator(".grokscope-figure .main-svg").count() >= expected
+            mine = [e for e in errors if "net::ERR_FAILED" not in e]  # the CDN scripts nbconvert adds
+            assert not mine, f"{name}: console errors:\n" + "\n".join(mine)
+            print(f"{name}: {expected} figures drawn offline")
+            page.close()
+    finally:
+        browser.close_browser(context)

@@ -15,13 +15,11 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over t
          "x = [i * i for i in range(10)]"]
 LABELS = ["code", "prose", "code", "prose", "code"]
 
-SPECS = {
-    "routing": RecordSpec(),
+SPECS = {  # every quantity in at least one; routing (the default record) rides along with full and topk
     "full": RecordSpec(attention=AttentionSpec(format="full")),
     "head_mean": RecordSpec(routing=False, attention=AttentionSpec(format="head_mean", layers=(1,), heads=(0, 3))),
     "topk": RecordSpec(attention=AttentionSpec(format="topk", k=5, layers=(0,), heads=(1, 2))),
-    "residual": RecordSpec(routing=False, residual=(0, 1)),
-    "expert_outputs": RecordSpec(routing=False, expert_outputs=(1,)),
+    "residual_and_expert_outputs": RecordSpec(routing=False, residual=(0, 1), expert_outputs=(1,)),
 }
 
 

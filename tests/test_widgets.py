@@ -73,11 +73,11 @@ def test_token_html_colours_each_token_by_its_expert(store):
     r = sequence_routing(store, 0)
     colours = figures.expert_colors(r.num_experts)
     page = figures.token_html(r, layer=2)
-    spans = re.findall(r'<span title="position (\d+), layer 2: [^"]*" style="background:rgba\((\d+),(\d+),(\d+),', page)
+    spans = re.findall(r'<span title="position (\d+), layer 2: [^"]*" style="background-color:(#[0-9A-F]{6});', page)
     assert len(spans) == len(r.pieces)
-    for position, red, green, blue in spans:
+    for position, colour in spans:
         e = int(store["expert_index"].values[0, int(position), 2, 0])
-        assert colours[e] == "#{:02X}{:02X}{:02X}".format(int(red), int(green), int(blue))
+        assert colours[e] == colour
 
 
 def test_sankey_flows_sum_to_the_token_count_and_match_a_count(store):
@@ -219,41 +219,145 @@ def test_dashboard_on_a_session_and_its_errors(session, store):
         AttentionExplorer(store)
 
 
-def test_static_copies_embed_plotlyjs_once(store):
-    from grokscope.widgets import base
-
-    base._sent_plotlyjs = False
-    first = RoutingExplorer(store)._repr_mimebundle_()
-    second = ExpertDashboard(store)._repr_mimebundle_()
-    assert "application/vnd.jupyter.widget-view+json" in first
-    marker = "window.PlotlyConfig"
-    assert first["text/html"].count(marker) == 1 and second["text/html"].count(marker) == 0
-    assert second["text/html"].count('class="plotly-graph-div"') == 5  # + the top-tokens HTML table
+def _softmax(logits) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    p = np.exp(x - x.max())
+    return p / p.sum()
 
 
 def test_routing_explorer_intervention_shows_the_intervened_next_token(session):
     from grokscope import forward
     from grokscope.interventions import ban
+    from grokscope.tokenizer import display_piece
 
     explorer = RoutingExplorer(session, prompt="for value in values:\n    total")
     ids = explorer.routing.token_ids
-    explorer.select(layer=1, position=len(ids) - 1)
-    none = explorer.next_token.data
-    np.testing.assert_array_equal(none[0].y, none[1].y)  # no intervention: the same distribution
-    chosen = int(explorer.routing.expert_index[1, len(ids) - 1, 0])
+    position = len(ids) - 2
+    explorer.select(layer=1, position=position)
+    assert len(explorer.next_token.data) == 1  # no intervention: the original bars only
+    title = explorer.next_token.layout.title.text
+    assert f"(position {position}), no intervention" in title and "KL" not in title
+    chosen = int(explorer.routing.expert_index[1, position, 0])
     explorer.expert.value = chosen
     explorer.action.value = "ban"
     assert explorer.interventions() == [ban(chosen, layer=1)]
-    logits = np.asarray(forward(session.params, session.config, np.array([ids]),
-                                interventions=[ban(chosen, layer=1)]).logits[0, -1], np.float64)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
+    p = _softmax(forward(session.params, session.config, np.array([ids])).logits[0, position])
+    q = _softmax(forward(session.params, session.config, np.array([ids]),
+                         interventions=[ban(chosen, layer=1)]).logits[0, position])
     shown = dict(zip(explorer.next_token.layout.xaxis.ticktext, explorer.next_token.data[1].y))
-    from grokscope.tokenizer import display_piece
+    for token in np.argsort(-q)[:5]:
+        assert abs(shown[figures.token_label(display_piece(session.tokenizer.pieces([int(token)])[0]))]
+                   - q[token]) < 1e-6
+    # the numbers: KL(original||intervened) at the position, and the change of the next token's loss
+    kl = float(np.sum(p * (np.log(p) - np.log(q))))
+    delta = float(np.log(p[ids[position + 1]]) - np.log(q[ids[position + 1]]))
+    effect = explorer.effect
+    assert effect.kl == pytest.approx(kl, abs=1e-5) and effect.delta_loss == pytest.approx(delta, abs=1e-5)
+    title = explorer.next_token.layout.title.text
+    assert f"under ban expert {chosen} (layer 1)" in title
+    assert f"KL(original‖intervened) = {effect.kl:.4f} nats" in title
+    assert f"Δloss = {effect.delta_loss:+.4f}" in title
+    explorer.select(position=len(ids) - 1)  # the last token has no next token: no Δloss
+    assert explorer.effect.delta_loss is None and "Δloss" not in explorer.next_token.layout.title.text
+    explorer.action.value = "none"
+    assert len(explorer.next_token.data) == 1 and "no intervention" in explorer.next_token.layout.title.text
 
-    for token in np.argsort(-probs)[:5]:
-        assert abs(shown[display_piece(session.tokenizer.pieces([int(token)])[0])] - probs[token]) < 1e-6
-    assert "ban expert" in explorer.next_token.layout.title.text
+
+def test_rerouted_tokens_are_an_independent_comparison_of_two_runs(session):
+    from grokscope import forward
+    from grokscope.interventions import ban, zero
+
+    explorer = RoutingExplorer(session, prompt="import os\nfor name in os.listdir(path):\n    print(name)")
+    ids = np.array([explorer.routing.token_ids])
+    explorer.select(layer=1)
+    first = int(np.bincount(explorer.routing.expert_index[1, :, 0]).argmax())  # the busiest first choice
+    explorer.expert.value = first
+    for action, make in (("ban", ban), ("zero", zero)):
+        explorer.action.value = action
+        original = np.asarray(forward(session.params, session.config, ids).record["expert_index"][0])
+        changed = np.asarray(forward(session.params, session.config, ids,
+                                     interventions=[make(first, layer=1)]).record["expert_index"][0])
+        expected = np.array([[set(original[t, layer]) != set(changed[t, layer]) for t in range(ids.shape[1])]
+                             for layer in range(session.config.num_layers)])  # [layer, token]
+        np.testing.assert_array_equal(explorer.effect.rerouted, expected)
+        assert not expected[:1].any()  # nothing changes upstream of the intervention
+        if action == "ban":
+            assert expected[1].sum() == (original[:, 1] == first).any(-1).sum()  # every token that chose it
+        else:
+            assert not expected[1].any()  # zero keeps the routing at its layer
+        title = explorer.heatmap.layout.title.text
+        assert f"{make(first, layer=1).describe()}" in title and f"({int(expected.sum())} of {expected.size} cells)" \
+            in title
+    explorer.action.value = "none"
+    assert explorer.effect.rerouted is None and "rerouted" not in explorer.heatmap.layout.title.text
+
+
+def test_panels_name_the_state_they_show_and_are_marked_while_it_is_computed(session, monkeypatch):
+    from grokscope.widgets.routing import UPDATING
+
+    explorer = RoutingExplorer(session, prompt="while True:\n    break")
+    T = len(explorer.routing.pieces)
+    titles = []
+    run_one = session._run_one
+
+    def watched(*args, **kwargs):
+        titles.append((explorer.heatmap.layout.title.text, explorer.next_token.layout.title.text))
+        return run_one(*args, **kwargs)
+
+    monkeypatch.setattr(session, "_run_one", watched)
+    explorer.action.value = "ban"
+    for expert in (3, 5, 3):
+        titles.clear()
+        explorer.expert.value = expert
+        if expert == 5:  # computed now: both panels said so meanwhile
+            assert titles and all(h.startswith(UPDATING) and n.startswith(UPDATING) for h, n in titles)
+        else:  # seen before: shown at once
+            assert not titles or not explorer.status.value.startswith("<span style=\"color:#b00")
+        assert f"under ban expert {expert} (layer 0)" in explorer.next_token.layout.title.text
+        assert f"ban expert {expert} (layer 0)" in explorer.heatmap.layout.title.text
+    explorer.select(layer=2)
+    assert "framed: layer 2" in explorer.heatmap.layout.title.text
+    assert "ban expert 3 (layer 2)" in explorer.heatmap.layout.title.text
+    assert "under ban expert 3 (layer 2)" in explorer.next_token.layout.title.text
+    explorer.select(position=1)
+    assert f"token 1 '{figures.token_label(explorer.routing.pieces[1])}'" in explorer.probs.layout.title.text
+    assert "(position 1) under" in explorer.next_token.layout.title.text
+    titles.clear()
+    explorer.prompt.value = "x = [1, 2, 3]"
+    explorer.run_button.click()
+    assert titles and all(h.startswith(UPDATING) and n.startswith(UPDATING) for h, n in titles)
+    assert len(explorer.routing.pieces) != T or explorer.routing.pieces[0] == "x"
+    assert not any(w.layout.title.text.startswith(UPDATING) for w in (explorer.heatmap, explorer.probs,
+                                                                      explorer.next_token))
+
+
+def test_views_follow_the_notebook_width(session, store):
+    from grokscope.widgets.base import FigureWidget
+
+    board = ExpertDashboard(store)
+    for figs in ((board.load, board.entropy), (board.coactivation, board.groups)):
+        row = next(c for c in board.children
+                   if [id(cell.children[0]) for cell in getattr(c, "children", ()) if getattr(cell, "children", ())]
+                   == [id(f) for f in figs])
+        assert row.layout.flex_flow == "row wrap"
+        assert all(cell.layout.flex.endswith("px") and cell.layout.min_width == "0" for cell in row.children)
+    controls = next(c for c in board.children if getattr(c, "children", None) and board.layer in c.children)
+    assert board.by in controls.children  # "group by" beside the layer it shares with the group chart
+    assert board.by not in next(c for c in board.children if getattr(c, "children", None)
+                                and board.layer_a in c.children).children
+    explorer = RoutingExplorer(session, prompt="x = 1")
+    for view in (board, explorer, AttentionExplorer(session, prompt="x = 1")):
+        for w in _figure_widgets(view):
+            assert isinstance(w, FigureWidget) and w.layout.width is None and w.layout.autosize is not False
+
+
+def _figure_widgets(widget):
+    import plotly.graph_objects as go
+
+    if isinstance(widget, go.FigureWidget):
+        yield widget
+    for child in getattr(widget, "children", ()):
+        yield from _figure_widgets(child)
 
 
 def test_generation_view_shows_every_token_with_its_routing(session):
@@ -265,7 +369,7 @@ def test_generation_view_shows_every_token_with_its_routing(session):
     view._show = lambda: (seen.append(len(view._spans)), original())
     view.generate()
     gen = view.generation
-    assert seen[:5] == [1, 2, 3, 4, 5]  # one more token on screen after each step
+    assert seen[:6] == [0, 1, 2, 3, 4, 5]  # the prompt, then one more token on screen after each step
     total = len(gen.token_ids)
     assert len(view._spans) == total and np.array(view.heatmap.data[0].z).shape == (4, total)
     stored = gen.dataset["expert_index"].values[0, :, 0, 0]
@@ -274,3 +378,27 @@ def test_generation_view_shows_every_token_with_its_routing(session):
         assert f"background:{colours[int(e)]}" in span
     view.layer.value = 2
     assert "framed: layer 2" in view.heatmap.layout.title.text
+
+
+def test_warm_up_compiles_ahead_what_a_new_prompt_runs(session):
+    import importlib
+
+    from grokscope import runner
+    from grokscope import session as session_module
+
+    forward_module = importlib.import_module("grokscope.forward")
+    prompt = "total = 0\n"
+    while len(session.tokenizer.encode(prompt)) <= 64:  # into the 80-token bucket
+        prompt += "total += 1\n"
+    n = len(session.tokenizer.encode(prompt))
+    session._warm_up("one", lengths=[n])
+    session._warm_up("generate", lengths=[n], total=n + 3)
+    session_module._warm_pool().wait()
+    one = runner._program(session.config, session.record, session.compute_dtype, "sparse", (), ("last_logprobs",))
+    step = forward_module.jitted_decoder(session.config, session.record, session.compute_dtype, "sparse")
+    compiled = (one._cache_size(), step._cache_size())
+    ds, logprobs = session._run_one(session.tokenizer.encode(prompt), (), n - 2)
+    gen = session.generate(prompt, max_new_tokens=3, stop_at_eos=False)
+    assert (one._cache_size(), step._cache_size()) == compiled  # nothing new was compiled
+    assert int(ds["length"][0]) == n and logprobs.shape == (session.config.vocab_size,)
+    assert len(gen.token_ids) == n + 3

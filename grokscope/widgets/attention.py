@@ -10,9 +10,9 @@ import plotly.graph_objects as go
 
 from grokscope.record import AttentionSpec, RecordSpec
 from grokscope.widgets import figures
-from grokscope.widgets.base import Source, View, guarded, refresh
+from grokscope.widgets.base import FigureWidget, Source, View, guarded, refresh
 from grokscope.widgets.data import attention_matrix, attention_options, sequence_labels
-from grokscope.widgets.routing import DEFAULT_PROMPT
+from grokscope.widgets.routing import DEFAULT_PROMPT, _short, busy, mark_updating, warm_up
 
 __all__ = ["AttentionExplorer"]
 
@@ -40,29 +40,36 @@ class AttentionExplorer(View):
         self.layer = W.Dropdown(options=[0], description="layer", layout=W.Layout(width="200px"))
         self.head = W.Dropdown(options=[(MEAN, -1)], value=-1, description="head", layout=W.Layout(width="300px"))
         self.query = W.IntSlider(min=0, max=0, description="query", continuous_update=False,
-                                 layout=W.Layout(width="420px"))
-        self.heatmap = go.FigureWidget()
-        self.per_query = go.FigureWidget()
+                                 layout=W.Layout(width="420px", max_width="100%"))
+        self.heatmap = FigureWidget()
+        self.per_query = FigureWidget()
         self.matrix: np.ndarray | None = None
         self.pieces: list[str] = []
+        self._syncing = False
         if self.source.session is not None:
-            self.prompt = W.Textarea(value=prompt, description="prompt", rows=3, layout=W.Layout(width="95%"))
+            self.prompt = W.Textarea(value=prompt, description="prompt", rows=3, layout=W.Layout(flex="1 1 auto"))
             self.run_button = W.Button(description="Run", button_style="primary", icon="play")
             self.run_button.on_click(lambda _: guarded(self.status, self._run))
-            chooser = W.HBox([self.prompt, self.run_button])
+            chooser = W.HBox([self.prompt, self.run_button], layout=W.Layout(width="100%"))
         else:
             ds = self.source.dataset
             attention_options(ds)  # fails early, naming what is missing
             self.sequence = W.Dropdown(options=[(label, i) for i, label in enumerate(sequence_labels(ds))],
                                        value=sequence, description="sequence", layout=W.Layout(width="95%"))
-            self.sequence.observe(lambda _: guarded(self.status, self._load), names="value")
+            self.sequence.observe(lambda _: self._on(self._load), names="value")
             chooser = self.sequence
         for control in (self.layer, self.head):
-            control.observe(lambda _: guarded(self.status, self._draw), names="value")
-        self.query.observe(lambda _: guarded(self.status, self._draw_query), names="value")
-        super().__init__([chooser, self.status, W.HBox([self.layer, self.head]), self.heatmap, self.query,
-                          self.per_query])
+            control.observe(lambda _: self._on(self._draw), names="value")
+        self.query.observe(lambda _: self._on(self._draw_query), names="value")
+        super().__init__([chooser, self.status, W.HBox([self.layer, self.head], layout=W.Layout(flex_flow="row wrap")),
+                          self.heatmap, self.query, self.per_query], layout=W.Layout(width="100%"))
         guarded(self.status, self._run if self.source.session is not None else self._load)
+        if self.source.session is not None:
+            warm_up(self.source.session, "run", self.source.record)
+
+    def _on(self, action) -> None:
+        if not self._syncing:
+            guarded(self.status, action)
 
     @property
     def dataset(self):
@@ -72,7 +79,8 @@ class AttentionExplorer(View):
         return 0 if self.source.session is not None else self.sequence.value
 
     def _run(self):
-        self.status.value = "running…"
+        busy(self.status, f"running '{_short(self.prompt.value)}'")
+        mark_updating(self.heatmap, self.per_query)
         self.source.run(self.prompt.value)
         self._load()
 
@@ -85,29 +93,39 @@ class AttentionExplorer(View):
             kv_group = config["num_q_heads"] // config["num_kv_heads"]
         heads = [(MEAN, -1)] + [(f"{h}" + (f" (kv head {h // kv_group})" if kv_group else ""), h)
                                 for h in opts["heads"]]
-        with self.layer.hold_trait_notifications(), self.head.hold_trait_notifications():
-            if list(self.layer.options) != opts["layers"]:
-                self.layer.options = opts["layers"]
-            if [v for _, v in self.head.options] != [v for _, v in heads]:
-                self.head.options = heads
-                self.head.value = -1
         length = int(ds["length"].values[self._sequence_index()])
         from grokscope.store import token_pieces
 
         self.pieces = token_pieces(ds, self._sequence_index()) if "vocab_piece" in ds else \
             [str(int(t)) for t in ds["tokens"].values[self._sequence_index(), :length]]
-        with self.query.hold_trait_notifications():
+        self._syncing = True
+        try:
+            if list(self.layer.options) != opts["layers"]:
+                self.layer.options = opts["layers"]
+            if [v for _, v in self.head.options] != [v for _, v in heads]:
+                self.head.options = heads
+                self.head.value = -1
             self.query.max = max(0, length - 1)
             self.query.value = length - 1
+        finally:
+            self._syncing = False
         self.status.value = (f"format {opts['format']}, {len(opts['layers'])} layers, "
                              f"{len(opts['heads']) or 'mean of'} heads recorded; {length} tokens")
         self._draw()
 
+    def _head_name(self) -> str:
+        return "mean of heads" if self.head.value == -1 else f"head {self.head.value}"
+
     def _title(self) -> str:
-        head = "mean of heads" if self.head.value == -1 else f"head {self.head.value}"
         fmt = attention_options(self.dataset)["format"]
         note = " (top-k keys per query; the rest shown as 0)" if fmt == "topk" else ""
-        return f"attention at layer {self.layer.value}, {head}{note}"
+        return f"attention at layer {self.layer.value}, {self._head_name()}{note}"
+
+    def _query_figure(self) -> go.Figure:
+        q = self.query.value
+        title = (f"where token {q} '{figures.token_label(self.pieces[q])}' looks "
+                 f"(layer {self.layer.value}, {self._head_name()})")
+        return figures.query_figure(self.matrix, self.pieces, q, title)
 
     def _draw(self):
         head = None if self.head.value == -1 else self.head.value
@@ -120,7 +138,7 @@ class AttentionExplorer(View):
             return
         q = self.query.value
         self.heatmap.layout.shapes = figures.query_frame(len(self.pieces), q)
-        refresh(self.per_query, figures.query_figure(self.matrix, self.pieces, q))
+        refresh(self.per_query, self._query_figure())
 
     def select(self, layer: int | None = None, head: int | None | object = _KEEP, query: int | None = None):
         """Selects a layer, a head (None = the mean of heads) and/or a query token."""
@@ -136,4 +154,4 @@ class AttentionExplorer(View):
         if self.matrix is None:
             return [f"<pre>{html.escape(self.status.value)}</pre>"]
         return [figures.attention_heatmap(self.matrix, self.pieces, self._title(), self.query.value),
-                figures.query_figure(self.matrix, self.pieces, self.query.value)]
+                self._query_figure()]

@@ -15,9 +15,9 @@ from grokscope.analysis.attribution import TARGETS, direct_logit_attribution, ff
 from grokscope.record import RecordSpec
 from grokscope.tokenizer import display_piece
 from grokscope.widgets import figures
-from grokscope.widgets.base import Source, View, guarded, refresh
+from grokscope.widgets.base import FigureWidget, Source, View, guarded, refresh
 from grokscope.widgets.data import sequence_labels
-from grokscope.widgets.routing import DEFAULT_PROMPT
+from grokscope.widgets.routing import DEFAULT_PROMPT, _short, busy, mark_updating, warm_up
 
 __all__ = ["AttributionExplorer", "SequenceAttribution", "sequence_attribution", "RECORD"]
 
@@ -141,16 +141,17 @@ class AttributionExplorer(View):
         self.target = W.ToggleButtons(options=list(TARGETS), value=target, description="target",
                                       style={"button_width": "70px"})
         self.position = W.IntSlider(min=0, max=0, description="token", continuous_update=False,
-                                    layout=W.Layout(width="420px"))
-        self.shares = go.FigureWidget()
-        self.effects = go.FigureWidget()
-        self.bars = go.FigureWidget()
+                                    layout=W.Layout(width="420px", max_width="100%"))
+        self.shares = FigureWidget()
+        self.effects = FigureWidget()
+        self.bars = FigureWidget()
         self.attribution: SequenceAttribution | None = None
+        self._syncing = False
         if session is not None:
-            self.prompt = W.Textarea(value=prompt, description="prompt", rows=3, layout=W.Layout(width="95%"))
+            self.prompt = W.Textarea(value=prompt, description="prompt", rows=3, layout=W.Layout(flex="1 1 auto"))
             self.run_button = W.Button(description="Run", button_style="primary", icon="play")
             self.run_button.on_click(lambda _: guarded(self.status, self._run))
-            chooser = W.HBox([self.prompt, self.run_button])
+            chooser = W.HBox([self.prompt, self.run_button], layout=W.Layout(width="100%"))
         else:
             ds = self.source.dataset
             self.sequence = W.Dropdown(options=[(label, i) for i, label in enumerate(sequence_labels(ds))],
@@ -158,13 +159,18 @@ class AttributionExplorer(View):
             self.sequence.observe(lambda _: guarded(self.status, self._load), names="value")
             chooser = self.sequence
         self.target.observe(lambda _: guarded(self.status, self._load), names="value")
-        self.position.observe(lambda _: guarded(self.status, self._draw_position), names="value")
-        super().__init__([chooser, self.status, self.target, self.shares, self.effects, self.position, self.bars])
+        self.position.observe(lambda _: None if self._syncing else guarded(self.status, self._draw_position),
+                              names="value")
+        super().__init__([chooser, self.status, self.target, self.shares, self.effects, self.position, self.bars],
+                         layout=W.Layout(width="100%"))
         guarded(self.status, self._run if session is not None else self._load)
+        if session is not None:
+            warm_up(session, "run", RECORD)
 
     # data -> view
     def _run(self):
-        self.status.value = "running…"
+        busy(self.status, f"running '{_short(self.prompt.value)}'")
+        mark_updating(self.shares, self.effects, self.bars)
         self.source.run(self.prompt.value)
         self._load()
 
@@ -177,9 +183,12 @@ class AttributionExplorer(View):
     def _show(self, a: SequenceAttribution):
         self.attribution = a
         T = len(a.pieces)
-        with self.position.hold_trait_notifications():
+        self._syncing = True
+        try:
             self.position.max = T - 1
             self.position.value = min(self.position.value, T - 1)
+        finally:
+            self._syncing = False
         position = self.position.value
         refresh(self.shares, figures.ffn_share_heatmap(a.routed_share, a.routed_norm, a.dense_norm, a.pieces,
                                                        a.layers, position, a.dense))

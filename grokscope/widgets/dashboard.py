@@ -11,10 +11,18 @@ import plotly.graph_objects as go
 import xarray as xr
 
 from grokscope.widgets import figures
-from grokscope.widgets.base import View, guarded, refresh
+from grokscope.widgets.base import FigureWidget, View, guarded, refresh
 from grokscope.widgets.data import group_columns
+from grokscope.widgets.routing import busy, mark_updating
 
-__all__ = ["ExpertDashboard"]
+__all__ = ["ExpertDashboard", "side_by_side"]
+
+
+def side_by_side(*widgets, basis: str = "400px") -> W.Box:
+    """Widgets in one row that wraps: each takes an equal share of the row and at least
+    `basis`, so that two fit side by side in a wide output and stack in a narrow one."""
+    cells = [W.VBox([w], layout=W.Layout(flex=f"1 1 {basis}", min_width="0", overflow="hidden")) for w in widgets]
+    return W.HBox(cells, layout=W.Layout(flex_flow="row wrap", width="100%"))
 
 
 class ExpertDashboard(View):
@@ -46,35 +54,35 @@ class ExpertDashboard(View):
         self.dataset = source
         layers = [int(x) for x in source["layer"].values]
         self.status = W.HTML()
-        self.load = go.FigureWidget()
-        self.entropy = go.FigureWidget()
+        self.load = FigureWidget()
+        self.entropy = FigureWidget()
         self.layer = W.Dropdown(options=layers, value=layers[0], description="layer", layout=W.Layout(width="200px"))
-        self.coactivation = go.FigureWidget()
+        self.coactivation = FigureWidget()
         self.top_tokens = W.HTML()
         self.layer_a = W.Dropdown(options=layers, value=layers[0], description="from layer",
                                   layout=W.Layout(width="200px"))
         self.layer_b = W.Dropdown(options=layers, value=layers[min(1, len(layers) - 1)], description="to layer",
                                   layout=W.Layout(width="200px"))
-        self.sankey = go.FigureWidget()
+        self.sankey = FigureWidget()
         columns = group_columns(source)
         default = by if by in columns else ("label" if "label" in columns else (columns[0] if columns else None))
         self.by = W.Dropdown(options=columns or ["(no per-sequence labels)"], description="group by",
                              value=default or "(no per-sequence labels)",
                              layout=W.Layout(width="300px"), disabled=not columns)
-        self.groups = go.FigureWidget()
+        self.groups = FigureWidget()
         self.layer.observe(lambda _: guarded(self.status, self._draw_layer), names="value")
         for control in (self.layer_a, self.layer_b):
             control.observe(lambda _: guarded(self.status, self._draw_flow), names="value")
         self.by.observe(lambda _: guarded(self.status, self._draw_layer), names="value")
         tokens = int(source["length"].sum())
-        self.status.value = (f"{source.sizes['sequence']} sequences, {tokens} tokens, {len(layers)} layers, "
-                             f"{source.sizes['expert']} experts")
+        self._summary = (f"{source.sizes['sequence']} sequences, {tokens} tokens, {len(layers)} layers, "
+                         f"{source.sizes['expert']} experts")
+        self.status.value = self._summary
+        wrap = W.Layout(flex_flow="row wrap", width="100%")
         super().__init__([
-            self.status, W.HBox([self.load, self.entropy]), self.layer,
-            W.HBox([self.coactivation, self.groups]), self.top_tokens,
-            W.HBox([self.layer_a, self.layer_b, self.by]), self.sankey])
-        for w in (self.load, self.entropy, self.coactivation, self.groups):
-            w.layout.width = 520
+            self.status, side_by_side(self.load, self.entropy),
+            W.HBox([self.layer, self.by], layout=wrap), side_by_side(self.coactivation, self.groups), self.top_tokens,
+            W.HBox([self.layer_a, self.layer_b], layout=wrap), self.sankey], layout=W.Layout(width="100%"))
         guarded(self.status, self._draw_all)
 
     def _draw_all(self):
@@ -92,12 +100,18 @@ class ExpertDashboard(View):
         return figures.group_figure(self.dataset, self.by.value, self.layer.value)
 
     def _draw_layer(self):
+        busy(self.status, f"computing layer {self.layer.value}")
+        mark_updating(self.coactivation, self.groups)
         refresh(self.coactivation, figures.coactivation_figure(self.dataset, self.layer.value))
         self.top_tokens.value = figures.top_tokens_html(self.dataset, self.layer.value)
         refresh(self.groups, self._group_figure())
+        self.status.value = self._summary
 
     def _draw_flow(self):
+        busy(self.status, f"computing the flow from layer {self.layer_a.value} to layer {self.layer_b.value}")
+        mark_updating(self.sankey)
         refresh(self.sankey, figures.sankey_figure(self.dataset, self.layer_a.value, self.layer_b.value))
+        self.status.value = self._summary
 
     def select(self, layer: int | None = None, layer_a: int | None = None, layer_b: int | None = None,
                by: str | None = None) -> "ExpertDashboard":

@@ -15,9 +15,7 @@ from grokscope.analysis.common import router_probs
 from grokscope.tokenizer import display_piece
 
 __all__ = ["SequenceRouting", "sequence_routing", "sequence_labels", "group_columns", "attention_matrix", "attention_options",
-           "next_token_distributions"]
-
-
+           "next_token_distributions", "InterventionEffect", "intervention_effect", "rerouted"]
 
 @dataclasses.dataclass(frozen=True)
 class SequenceRouting:
@@ -159,3 +157,68 @@ def next_token_distributions(session, token_ids, position: int, interventions, n
     ids, p, q = session.next_token_distributions(token_ids, position, interventions, n)
     pieces = [display_piece(x) for x in session.tokenizer.pieces(ids)]
     return pieces, p, q
+
+
+def rerouted(original: SequenceRouting, intervened: SequenceRouting) -> np.ndarray:
+    """bool [layer, token]: where the intervened model sends a token to other experts than the
+    original does (the set of its k chosen experts differs; their order is not compared)."""
+    a = np.sort(original.expert_index, axis=-1)
+    b = np.sort(intervened.expert_index, axis=-1)
+    if a.shape != b.shape:
+        raise ValueError(f"the two routings differ in shape: {a.shape} and {b.shape}")
+    return (a != b).any(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class InterventionEffect:
+    """What an intervention does to one sequence, seen from one position.
+
+    Attributes:
+      position: the position whose next token is predicted.
+      pieces: the tokens shown (the union of both top-n, by original probability), [N].
+      original: their probabilities as the model has them, [N].
+      intervened: under the intervention, [N] (None without one).
+      kl: KL(original‖intervened) of the whole next-token distribution, nats (None without one).
+      delta_loss: the change of the loss of the actual next token, intervened minus original,
+        nats (None without an intervention or at the last token).
+      rerouted: `rerouted(original routing, intervened routing)`, bool [layer, token] (None
+        without an intervention).
+      routing: the intervened model's routing (None without an intervention).
+    """
+
+    position: int
+    pieces: list[str]
+    original: np.ndarray
+    intervened: np.ndarray | None
+    kl: float | None
+    delta_loss: float | None
+    rerouted: np.ndarray | None
+    routing: SequenceRouting | None
+
+
+def intervention_effect(session, token_ids, position: int, interventions=(), n: int = 10,
+                        original: SequenceRouting | None = None) -> InterventionEffect:
+    """`InterventionEffect` of `interventions` on `token_ids` at `position`, computed by the
+    Session (its mesh and compute dtype; whole-layer bans share one compiled program, and
+    recent results are kept). `original`: the routing of the unintervened run, if at hand."""
+    ids = [int(t) for t in token_ids]
+    interventions = tuple(interventions)
+    base, logp = session._run_one(ids, (), position)
+    p = np.exp(logp)
+    if not interventions:
+        top = [int(i) for i in np.argsort(-p)[:n]]
+        return InterventionEffect(position, _vocab_pieces(session, top), p[top], None, None, None, None, None)
+    changed, logq = session._run_one(ids, interventions, position)
+    q = np.exp(logq)
+    top = list(dict.fromkeys([int(i) for i in np.argsort(-p)[:n]] + [int(i) for i in np.argsort(-q)[:n]]))
+    top.sort(key=lambda i: -p[i])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kl = float(max(0.0, np.sum(np.where(p > 0, p * (logp - logq), 0.0))))
+    delta = float(logp[ids[position + 1]] - logq[ids[position + 1]]) if position + 1 < len(ids) else None
+    routing = sequence_routing(changed, 0)
+    return InterventionEffect(position, _vocab_pieces(session, top), p[top], q[top], kl, delta,
+                              rerouted(original or sequence_routing(base, 0), routing), routing)
+
+
+def _vocab_pieces(session, ids: list[int]) -> list[str]:
+    return [display_piece(x) for x in session.tokenizer.pieces(ids)]

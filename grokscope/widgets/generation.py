@@ -9,8 +9,9 @@ import numpy as np
 import plotly.graph_objects as go
 
 from grokscope.widgets import figures
-from grokscope.widgets.base import View, guarded, refresh
+from grokscope.widgets.base import FigureWidget, View, guarded, refresh
 from grokscope.widgets.data import sequence_routing
+from grokscope.widgets.routing import _short, busy, mark_updating, warm_up
 
 __all__ = ["GenerationView"]
 
@@ -38,19 +39,34 @@ class GenerationView(View):
         self.max_new_tokens = W.BoundedIntText(value=max_new_tokens, min=1, max=session.config.sequence_len,
                                                description="new tokens", layout=W.Layout(width="200px"))
         self.temperature = W.FloatSlider(value=temperature, min=0.0, max=2.0, step=0.1, description="temperature",
-                                         continuous_update=False)
+                                         continuous_update=False, style={"description_width": "initial"})
         self.layer = W.Dropdown(options=list(range(session.config.num_layers)), value=0, description="color by layer",
                                 style={"description_width": "initial"}, layout=W.Layout(width="220px"))
         self.button = W.Button(description="Generate", button_style="primary", icon="play")
         self.text = W.HTML()
-        self.heatmap = go.FigureWidget()
+        self.heatmap = FigureWidget()
         self.generation = None
         self._spans: list[str] = []
+        self._prompt_html = ""
         self.button.on_click(lambda _: guarded(self.status, self.generate))
         self.layer.observe(lambda _: guarded(self.status, self._redraw), names="value")
-        super().__init__([W.HBox([self.prompt]), W.HBox([self.max_new_tokens, self.temperature, self.layer,
-                                                         self.button]),
-                          self.status, self.text, self.heatmap])
+        for control in (self.prompt, self.max_new_tokens):
+            control.observe(lambda _: self._warm_up(), names="value")
+        super().__init__([W.HBox([self.prompt], layout=W.Layout(width="100%")),
+                          W.HBox([self.max_new_tokens, self.temperature, self.layer, self.button],
+                                 layout=W.Layout(flex_flow="row wrap", width="100%")),
+                          self.status, self.text, self.heatmap], layout=W.Layout(width="100%"))
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compiles what Generate will run for the prompt and length in the boxes, in the background."""
+        try:
+            n = max(1, len(self.session.tokenizer.encode(self.prompt.value)))
+        except Exception:  # noqa: BLE001 - Generate reports a bad prompt
+            return
+        total = n + int(self.max_new_tokens.value)
+        if total <= self.session.config.sequence_len:
+            warm_up(self.session, "generate", lengths=[n], total=total)
 
     def _span(self, piece: str, experts, gates, generated: bool) -> str:
         colors = figures.expert_colors(self.session.config.num_experts)
@@ -62,26 +78,32 @@ class GenerationView(View):
 
     def _show(self):
         self.text.value = ('<div style="font-family:DejaVu Sans Mono, monospace;font-size:13px;line-height:1.9">'
-                           + "".join(self._spans) + "</div>")
+                           + self._prompt_html + "".join(self._spans) + "</div>")
 
     def generate(self):
         """Runs the generation with the controls' settings (what the button does)."""
         from grokscope.tokenizer import display_piece
 
         self._spans = []
-        self.status.value = "generating…"
+        busy(self.status, f"generating after '{_short(self.prompt.value)}'")
+        mark_updating(self.heatmap)
         layer = self.layer.value
         tokenizer = self.session.tokenizer
+        shown = [display_piece(piece) for piece in tokenizer.pieces(tokenizer.encode(self.prompt.value))]
+        self._prompt_html = "".join(f'<span style="color:#777;padding:1px 2px;margin:1px">{html.escape(piece)}</span>'
+                                    + ("<br>" if piece.endswith("↵") else "") for piece in shown)
+        self._show()
 
         def on_token(position, token, record):
             piece = display_piece(tokenizer.pieces([token])[0])
             self._spans.append(self._span(piece, record["expert_index"][0, -1, layer],
                                           record["expert_gate"][0, -1, layer], True))
             self._show()
-            self.status.value = f"{len(self._spans)} of {self.max_new_tokens.value} tokens"
+            busy(self.status, f"generating: {len(self._spans)} of {self.max_new_tokens.value} tokens")
 
         self.generation = self.session.generate(self.prompt.value, max_new_tokens=self.max_new_tokens.value,
                                                 temperature=self.temperature.value, on_token=on_token)
+        self._prompt_html = ""
         self._redraw()
         n_new = len(self.generation.token_ids) - self.generation.prompt_length
         self.status.value = f"{n_new} new tokens after a {self.generation.prompt_length}-token prompt"
