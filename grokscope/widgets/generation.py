@@ -18,8 +18,8 @@ __all__ = ["GenerationView"]
 
 class GenerationView(View):
     """Type a prompt, press Generate: tokens appear as they are written, each on the color of
-    its first-choice expert at the chosen layer (hover: both experts and gates at that layer);
-    when done, the layer x token heatmap of the whole sequence (generated tokens after the
+    its first-choice expert at the chosen layer, generated ones underlined (hover: both experts
+    and gates at that layer); when done, the layer x token heatmap of the whole sequence (generated tokens after the
     dotted line).
 
     Args:
@@ -71,9 +71,10 @@ class GenerationView(View):
     def _span(self, piece: str, experts, gates, generated: bool) -> str:
         colors = figures.expert_colors(self.session.config.num_experts)
         tip = ", ".join(f"expert {int(e)} gate {float(g):.3f}" for e, g in zip(experts, gates))
-        border = "border-bottom:2px solid #222;" if generated else ""
-        return (f'<span title="{html.escape(tip)}" style="background:{colors[int(experts[0])]};opacity:0.9;'
-                f'padding:1px 2px;margin:1px;border-radius:3px;{border}">{html.escape(piece)}</span>'
+        background = colors[int(experts[0])]
+        mark = "text-decoration:underline;text-decoration-thickness:2px;" if generated else ""  # in the text's color
+        return (f'<span title="{html.escape(tip)}" style="background:{background};color:{figures.text_color(background)};'
+                f'padding:1px 2px;margin:1px;border-radius:3px;{mark}">{html.escape(piece)}</span>'
                 + ("<br>" if piece.endswith("↵") else ""))
 
     def _show(self):
