@@ -261,10 +261,10 @@ _MEASURE = """(panel) => {
 }"""
 
 
-def outputs_overflowing(page, tolerance: float = 1.0) -> tuple[list[dict], int, float]:
+def outputs_overflowing(page, tolerance: float = 1.0) -> tuple[list[dict], set, float]:
     """Scrolls the whole notebook and measures every drawn figure (its div and its svg) and
     widget box in the outputs. Returns (the boxes wider than their output area or reaching
-    past its edges, how many boxes were measured, the widest output area)."""
+    past its edges, the boxes measured as (what, title, left, right), the widest output area)."""
     outer = page.locator(f"{PANEL} .jp-WindowedPanel-outer").first
     outer.evaluate("el => el.scrollTo(0, 0)")
     page.wait_for_timeout(300)
@@ -282,7 +282,7 @@ def outputs_overflowing(page, tolerance: float = 1.0) -> tuple[list[dict], int, 
             break
         outer.evaluate("el => el.scrollBy(0, el.clientHeight * 0.7)")
         page.wait_for_timeout(250)
-    return list(bad.values()), len(seen), widest
+    return list(bad.values()), seen, widest
 
 
 def watch_titles(page, plots: dict) -> None:

@@ -53,13 +53,19 @@ OUTPUT_WIDTH = 968  # px: the output area of a notebook in a 1400-px wide window
 UPDATING = "updating…"
 
 
-def _quickstart_with_dashboard(path: Path) -> None:
-    """The quickstart notebook, with the ExpertDashboard of its labelled batch appended."""
+def _quickstart_with_every_view(path: Path) -> None:
+    """The quickstart notebook, with every other view appended: the ExpertDashboard of its
+    labelled batch, and an AttentionExplorer, a GenerationView (after a short generation) and an
+    AttributionExplorer on its Session."""
     import nbformat
 
     nb = nbformat.read(QUICKSTART, as_version=4)
-    nb.cells.append(nbformat.v4.new_code_cell(
-        "from grokscope.widgets import ExpertDashboard\n\nExpertDashboard(batch, by=\"label\")"))
+    nb.cells += [nbformat.v4.new_code_cell(source) for source in (
+        "from grokscope.widgets import AttentionExplorer, AttributionExplorer, ExpertDashboard, GenerationView\n\n"
+        "ExpertDashboard(batch, by=\"label\")",
+        "AttentionExplorer(session)",
+        "writer = GenerationView(session, max_new_tokens=4)\nwriter.generate()\nwriter",
+        "AttributionExplorer(session)")]
     nbformat.write(nb, path)
 
 
@@ -102,7 +108,7 @@ def test_quickstart_notebook_in_jupyterlab(tmp_path, playwright):
     assert QUICKSTART.exists(), f"{QUICKSTART} is missing"
     root = tmp_path / "lab"
     root.mkdir()
-    _quickstart_with_dashboard(root / QUICKSTART.name)  # Lab saves into the copy, never into the repo
+    _quickstart_with_every_view(root / QUICKSTART.name)  # Lab saves into the copy, never into the repo
     process, base_url, token = browser.start_lab(root)
     try:
         context = browser.launch_browser(playwright, viewport={"width": 1400, "height": 1000})
@@ -114,7 +120,13 @@ def test_quickstart_notebook_in_jupyterlab(tmp_path, playwright):
             # Every view fits its output area (figures follow the area's width; rows wrap).
             bad, measured, widest = browser.outputs_overflowing(page)
             assert widest == pytest.approx(OUTPUT_WIDTH, abs=40), f"the output area is {widest} px wide"
-            assert measured >= 10, f"only {measured} figures and widget boxes measured"
+            assert len(measured) >= 10, f"only {len(measured)} figures and widget boxes measured"
+            titles = {title or "" for _, title, _, _ in measured}
+            for view, title in (("RoutingExplorer", "first-choice expert per token"), ("ExpertDashboard", "expert load"),
+                                ("AttentionExplorer", "attention at layer"),
+                                ("GenerationView", "routing of the prompt and the generated"),
+                                ("AttributionExplorer", "routed share")):
+                assert any(t.startswith(title) for t in titles), f"no {view} figure was measured: {sorted(titles)}"
             assert not bad, "boxes wider than their output area or past its edge:\n" + \
                 "\n".join(f"{b['what']} {b['title']!r}: {b['box']} in {b['area']}" for b in bad)
             assert panel.locator(".js-plotly-plot:visible .sankey").count() >= 1, "the dashboard did not draw"
