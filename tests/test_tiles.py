@@ -107,3 +107,26 @@ def test_tiled_float_experts_and_dense_mlp_match(monkeypatch):
         np.testing.assert_allclose(np.asarray(tiled.record[name]), np.asarray(whole.record[name]), rtol=1e-5,
                                    atol=1e-5, err_msg=name)
     np.testing.assert_allclose(np.asarray(tiled.logits), np.asarray(whole.logits), rtol=1e-5, atol=1e-4)
+
+
+def test_a_bfloat16_head_in_vocabulary_tiles_matches_the_whole_table(monkeypatch):
+    """The releases' bfloat16 output head is widened to float32 a tile of rows at a time."""
+    from grokscope.model import lm
+
+    config = dataclasses.replace(load_config("tiny"), num_layers=1)
+    params = gs.init_params(config, seed=5)
+    params = {**params, "language_model/in_out_embed": {
+        "embeddings": np.asarray(params["language_model/in_out_embed"]["embeddings"]).astype(ml_dtypes.bfloat16)}}
+    tokens = np.random.default_rng(2).integers(3, config.vocab_size, size=(2, 10)).astype(np.int32)
+    whole = gs.forward(params, config, tokens)
+    assert lm.head_tile(config.vocab_size, config.emb_size) is None  # small tables stay whole
+    assert lm.head_tile(131072, 6144) == 8192  # Grok-1: 16 tiles of 192 MiB in float32
+    calls = []
+    monkeypatch.setattr(lm, "head_tile", lambda V, D: calls.append((V, D)) or V // 8)
+    _forget_compiled()
+    tiled = gs.forward(params, config, tokens)
+    on_mesh = gs.forward(params, config, tokens, mesh=make_mesh(1, 4))  # the table's width split in 4
+    _forget_compiled()
+    assert calls and set(calls) == {(config.vocab_size, config.emb_size)}
+    np.testing.assert_array_equal(np.asarray(tiled.logits), np.asarray(whole.logits))
+    np.testing.assert_allclose(np.asarray(on_mesh.logits), np.asarray(whole.logits), rtol=2 ** -7, atol=1e-4)

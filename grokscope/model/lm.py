@@ -53,7 +53,37 @@ class InOutEmbed(hk.Module):
         return constrain(jnp.take(self._table(), tokens, axis=0), "data", None, "model")
 
     def decode(self, h: jax.Array) -> jax.Array:
-        return jnp.einsum("btd,vd->btv", h, self._table().astype(h.dtype), precision=HIGHEST)
+        table = self._table()
+        rows = head_tile(*table.shape) if table.dtype == jnp.bfloat16 and h.dtype == jnp.float32 else None
+        if rows is None:
+            return jnp.einsum("btd,vd->btv", h, table.astype(h.dtype), precision=HIGHEST)
+        # The releases' bfloat16 table, widened to float32 a tile of vocabulary rows at a time.
+        # The tiles are sliced from the table's bits (uint16): a bfloat16 slice would make the
+        # CPU backend widen the whole table first (benchmarks/head_memory.py).
+        bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+
+        def one_tile(i, logits):
+            tile = jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits, i * rows, rows, axis=0),
+                                                jnp.bfloat16)
+            part = jnp.einsum("btd,vd->btv", h, tile.astype(h.dtype), precision=HIGHEST)
+            return jax.lax.dynamic_update_slice_in_dim(logits, part, i * rows, axis=2)
+
+        V = table.shape[0]
+        return jax.lax.fori_loop(0, V // rows, one_tile, jnp.zeros((*h.shape[:-1], V), h.dtype))
+
+
+def head_tile(vocab: int, width: int, tile_bytes: int = 256 * 1024 * 1024) -> int | None:
+    """Vocabulary rows per tile of a bfloat16 output head whose table, in float32, would take
+    more than `quant.TILE_MIN_BYTES` (Grok-1's 131072 x 6144: 8192 rows, 16 tiles); None to
+    compute it whole (every bundled and test model)."""
+    from grokscope import quant
+
+    if vocab * width * 4 <= quant.TILE_MIN_BYTES:
+        return None
+    rows = min(vocab, max(1, tile_bytes // (4 * width)))
+    while vocab % rows:
+        rows -= 1
+    return rows if rows < vocab else None
 
 
 class LanguageModel(hk.Module):
