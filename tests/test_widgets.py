@@ -293,7 +293,7 @@ def test_rerouted_tokens_are_an_independent_comparison_of_two_runs(session):
 
 
 def test_panels_name_the_state_they_show_and_are_marked_while_it_is_computed(session, monkeypatch):
-    from grokscope.widgets.routing import UPDATING
+    from grokscope.widgets.base import UPDATING
 
     explorer = RoutingExplorer(session, prompt="while True:\n    break")
     T = len(explorer.routing.pieces)

@@ -10,9 +10,9 @@ import plotly.graph_objects as go
 
 from grokscope.record import AttentionSpec, RecordSpec
 from grokscope.widgets import figures
-from grokscope.widgets.base import FigureWidget, Source, View, guarded, refresh
+from grokscope.widgets.base import FigureWidget, Source, View, busy, guarded, mark_updating, refresh, short, warm_up
 from grokscope.widgets.data import attention_matrix, attention_options, sequence_labels
-from grokscope.widgets.routing import DEFAULT_PROMPT, _short, busy, mark_updating, warm_up
+from grokscope.widgets.routing import DEFAULT_PROMPT
 
 __all__ = ["AttentionExplorer"]
 
@@ -79,7 +79,7 @@ class AttentionExplorer(View):
         return 0 if self.source.session is not None else self.sequence.value
 
     def _run(self):
-        busy(self.status, f"running '{_short(self.prompt.value)}'")
+        busy(self.status, f"running '{short(self.prompt.value)}'")
         mark_updating(self.heatmap, self.per_query)
         self.source.run(self.prompt.value)
         self._load()

@@ -15,9 +15,9 @@ from grokscope.analysis.attribution import TARGETS, direct_logit_attribution, ff
 from grokscope.record import RecordSpec
 from grokscope.tokenizer import display_piece
 from grokscope.widgets import figures
-from grokscope.widgets.base import FigureWidget, Source, View, guarded, refresh
+from grokscope.widgets.base import FigureWidget, Source, View, busy, guarded, mark_updating, refresh, short, warm_up
 from grokscope.widgets.data import sequence_labels
-from grokscope.widgets.routing import DEFAULT_PROMPT, _short, busy, mark_updating, warm_up
+from grokscope.widgets.routing import DEFAULT_PROMPT
 
 __all__ = ["AttributionExplorer", "SequenceAttribution", "sequence_attribution", "RECORD"]
 
@@ -169,7 +169,7 @@ class AttributionExplorer(View):
 
     # data -> view
     def _run(self):
-        busy(self.status, f"running '{_short(self.prompt.value)}'")
+        busy(self.status, f"running '{short(self.prompt.value)}'")
         mark_updating(self.shares, self.effects, self.bars)
         self.source.run(self.prompt.value)
         self._load()

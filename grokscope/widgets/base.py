@@ -18,7 +18,8 @@ import xarray as xr
 
 from grokscope.widgets import offline
 
-__all__ = ["Source", "FigureWidget", "refresh", "View", "guarded"]
+__all__ = ["Source", "FigureWidget", "refresh", "View", "guarded", "busy", "mark_updating", "warm_up", "short",
+           "UPDATING"]
 
 
 class Source:
@@ -150,3 +151,36 @@ def guarded(status: W.HTML, action: Callable[[], None]) -> None:
     view = owner() if owner is not None else None
     if _depth == 0 and view is not None:
         view._update_static()
+
+
+UPDATING = "updating… "
+"""What the title of a panel about to change starts with, until it shows the new state."""
+
+
+def mark_updating(*widgets: go.FigureWidget) -> None:
+    """Marks figure widgets whose content is about to change: their titles start with
+    `UPDATING` until they are redrawn."""
+    for widget in widgets:
+        title = widget.layout.title.text or ""
+        if widget.data and not title.startswith(UPDATING):
+            widget.layout.title.text = UPDATING + title
+
+
+def busy(status: W.HTML, what: str) -> None:
+    """Says in a view's status line what is running."""
+    status.value = f'<span style="color:#555">⏳ {html.escape(what)}…</span>'
+
+
+def warm_up(session, kind: str, record=None, **kwargs) -> None:
+    """Has `session` compile, in the background, the programs a view will run for prompts of
+    other lengths (`Session._warm_up`); only inside a kernel, where a reader waits for them."""
+    from grokscope import _in_a_kernel
+
+    if _in_a_kernel():
+        session._warm_up(kind, record, **kwargs)
+
+
+def short(text: str, width: int = 40) -> str:
+    """`text` on one line, cut to `width` characters (for status lines and titles)."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"

@@ -11,9 +11,8 @@ import plotly.graph_objects as go
 import xarray as xr
 
 from grokscope.widgets import figures
-from grokscope.widgets.base import FigureWidget, View, guarded, refresh
+from grokscope.widgets.base import FigureWidget, View, busy, guarded, mark_updating, refresh
 from grokscope.widgets.data import group_columns
-from grokscope.widgets.routing import busy, mark_updating
 
 __all__ = ["ExpertDashboard", "side_by_side"]
 

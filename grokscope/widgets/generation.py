@@ -9,9 +9,8 @@ import numpy as np
 import plotly.graph_objects as go
 
 from grokscope.widgets import figures
-from grokscope.widgets.base import FigureWidget, View, guarded, refresh
+from grokscope.widgets.base import FigureWidget, View, busy, guarded, mark_updating, refresh, short, warm_up
 from grokscope.widgets.data import sequence_routing
-from grokscope.widgets.routing import _short, busy, mark_updating, warm_up
 
 __all__ = ["GenerationView"]
 
@@ -86,7 +85,7 @@ class GenerationView(View):
         from grokscope.tokenizer import display_piece
 
         self._spans = []
-        busy(self.status, f"generating after '{_short(self.prompt.value)}'")
+        busy(self.status, f"generating after '{short(self.prompt.value)}'")
         mark_updating(self.heatmap)
         layer = self.layer.value
         tokenizer = self.session.tokenizer

@@ -136,14 +136,10 @@ class GrokscopeRenderer(MimetypeRenderer):
 def install_renderer() -> None:
     """Registers the "grokscope" plotly renderer and makes it the default inside an IPython
     kernel (elsewhere plotly's defaults are left alone)."""
-    pio.renderers["grokscope"] = GrokscopeRenderer()
-    try:
-        from IPython import get_ipython
+    from grokscope import _in_a_kernel
 
-        in_kernel = get_ipython() is not None and hasattr(get_ipython(), "kernel")
-    except ImportError:
-        in_kernel = False
-    if in_kernel:
+    pio.renderers["grokscope"] = GrokscopeRenderer()
+    if _in_a_kernel():
         pio.renderers.default = "grokscope"
 
 

@@ -8,48 +8,13 @@ import ipywidgets as W
 import plotly.graph_objects as go
 
 from grokscope.widgets import figures
-from grokscope.widgets.base import FigureWidget, Source, View, guarded, refresh
+from grokscope.widgets.base import FigureWidget, Source, View, busy, guarded, mark_updating, refresh, short, warm_up
 from grokscope.widgets.data import (InterventionEffect, SequenceRouting, intervention_effect, sequence_labels,
                                     sequence_routing)
 
 __all__ = ["RoutingExplorer"]
 
 DEFAULT_PROMPT = "def mean(values):\n    return sum(values) / len(values)\n"
-
-UPDATING = "updating… "
-"""What the title of a panel about to change starts with, until it shows the new state."""
-
-
-def mark_updating(*widgets: go.FigureWidget) -> None:
-    """Marks figure widgets whose content is about to change: their titles start with
-    `UPDATING` until they are redrawn."""
-    for widget in widgets:
-        title = widget.layout.title.text or ""
-        if widget.data and not title.startswith(UPDATING):
-            widget.layout.title.text = UPDATING + title
-
-
-def busy(status: W.HTML, what: str) -> None:
-    """Says in a view's status line what is running."""
-    status.value = f'<span style="color:#555">⏳ {html.escape(what)}…</span>'
-
-
-def warm_up(session, kind: str, record=None, **kwargs) -> None:
-    """Has `session` compile, in the background, the programs a view will run for prompts of
-    other lengths (`Session._warm_up`); only inside a kernel, where a reader waits for them."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
-    if shell is not None and getattr(shell, "kernel", None) is not None:
-        session._warm_up(kind, record, **kwargs)
-
-
-def _short(text: str, width: int = 40) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 1] + "…"
-
 
 class RoutingExplorer(View):
     """The main view of routing.
@@ -127,7 +92,7 @@ class RoutingExplorer(View):
 
         session = self.source.session
         text = self.prompt.value
-        busy(self.status, f"running '{_short(text)}'")
+        busy(self.status, f"running '{short(text)}'")
         mark_updating(self.heatmap, self.probs, self.next_token)
         ids = encode(session.tokenizer, [text], session.config.sequence_len, truncate=None, lines=[1],
                      source="prompt")[0]
@@ -178,12 +143,12 @@ class RoutingExplorer(View):
         if self.heatmap.data:
             self.heatmap.data[0].on_click(self._clicked)
 
-    def _update_effect(self, what: str, panels) -> bool:
+    def _update_effect(self, what: str, panels) -> None:
         """Recomputes the intervention's effect for the controls' state; marks `panels` as
-        updating first when that runs the model. Returns whether the effect changed."""
+        updating first when that runs the model."""
         session = self.source.session
         if session is None or self.routing is None:
-            return False
+            return
         interventions = self.interventions()
         position = self.position.value
         ids = self.routing.token_ids
@@ -192,7 +157,6 @@ class RoutingExplorer(View):
             busy(self.status, what)
             mark_updating(*panels)
         self.effect = intervention_effect(session, ids, position, interventions, original=self.routing)
-        return True
 
     def _draw_layer(self):
         if self.routing is None:
