@@ -217,13 +217,21 @@ def run_all(page, timeout: float = 120.0) -> None:
     # Edit -> Clear Outputs of All Cells (a notebook saved with outputs would look "already run"),
     # then Run -> Run All Cells
     _menu(page, "Edit", "Clear Outputs of All Cells")
-    _menu(page, "Run", "Run All Cells")
+    started = """(panel) => {
+        const p = document.querySelector(panel);
+        return p && [...p.querySelectorAll('.jp-InputArea-prompt')].some(e => /\\[[0-9*]+\\]/.test(e.textContent));
+    }"""
+    # a menu command Lab receives while it is still settling can be dropped: ask again until a cell starts
+    deadline = time.monotonic() + timeout
+    while True:
+        _menu(page, "Run", "Run All Cells")
+        try:
+            page.wait_for_function(started, arg=PANEL, timeout=30_000)
+            break
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError
+            if time.monotonic() > deadline:
+                raise
     # the kernel goes busy, then idle once every cell ran
-    page.wait_for_function(
-        """(panel) => {
-            const p = document.querySelector(panel);
-            return p && [...p.querySelectorAll('.jp-InputArea-prompt')].some(e => /\\[[0-9*]+\\]/.test(e.textContent));
-        }""", arg=PANEL, timeout=timeout * 1000)
     wait_kernel_idle(page, timeout)
     plot = page.locator(f"{PANEL} .js-plotly-plot .main-svg").filter(visible=True)  # not a hidden static copy
     scroll_into_view(page, plot, timeout)
