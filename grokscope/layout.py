@@ -11,7 +11,7 @@ in which `tensor{i:05d}` files are numbered (so `decoder_layer_10` precedes `dec
 
 Grok-1's paths, shapes ([in, out], as haiku stores them), int8 blocks and specs:
 
-  language_model/in_out_embed/embeddings            [V, D]        float   (None, (data, model))
+  language_model/in_out_embed/embeddings            [V, D]        float   (model, data)
   language_model/rms_norm/scale                     [D]           float   replicated
   transformer/decoder_layer_{i}/
     multi_head_attention/{query,key,value}/w        [D, heads*K]  int8 x1 (data, model)
@@ -25,7 +25,7 @@ Grok-2 (`config.dense_ffn_size`, `tied_embeddings=False`, `weight_format="bfloat
 dense MLP beside the experts and an untied head, and stores every tensor in bfloat16 (the
 rules still say which weights `load_params(..., quantize="int8")` may quantize, and how):
 
-  language_model/unembed/embeddings                 [V, D]        bf16    (None, (data, model))
+  language_model/unembed/embeddings                 [V, D]        bf16    (model, data)
   transformer/decoder_layer_{i}/
     mlp/{linear,linear_v}/w                         [D, Fd]       bf16 (int8 x1) (data, model)
     mlp/linear_1/w                                  [Fd, D]       bf16 (int8 x8) (model, data)
@@ -92,7 +92,7 @@ _RULES = (
     _Rule(re.compile(r"moe/linear_1/w$"), True, True, (None, "model", "data")),
     _Rule(re.compile(r"mlp/(linear|linear_v)/w$"), True, False, ("data", "model")),
     _Rule(re.compile(r"mlp/linear_1/w$"), True, True, ("model", "data")),
-    _Rule(re.compile(r"(in_out_embed|unembed)/embeddings$"), False, False, (None, ("data", "model"))),
+    _Rule(re.compile(r"(in_out_embed|unembed)/embeddings$"), False, False, ("model", "data")),
 )
 
 

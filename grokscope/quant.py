@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-__all__ = ["QuantizedWeight8bit", "dequantize", "quantize", "hidden_tile", "TILE_MIN_BYTES"]
+__all__ = ["QuantizedWeight8bit", "dequantize", "quantize", "hidden_tile", "stream_tile", "TILE_MIN_BYTES"]
 
 
 @dataclasses.dataclass
@@ -108,3 +108,26 @@ def hidden_tile(d_model: int, hidden: int, shards: int, down_blocks: int, target
     unit = hidden // down_blocks if down_blocks > 1 else local
     tile = max((t for t in range(1, min(target, unit, local) + 1) if unit % t == 0 and local % t == 0), default=1)
     return tile if 64 <= tile < local else None
+
+
+def stream_tile(d_model: int, hidden: int, shards: int, gate_blocks: int, down_blocks: int,
+                target_bytes: int = 2 * 1024 * 1024) -> int | None:
+    """Rows per tile for the grouped path's streamed experts (`grokscope.model.moe.streamed_experts`),
+    or None to compute them whole.
+
+    Each expert's weights are read in tiles of rows: `t` rows of the gate and up projections
+    (`[t, hidden / shards]`) and `t` rows of the down projection (`[t, d_model]`), each widened
+    to float32 on its own, so a tile takes about `target_bytes` (2 MB: it stays in the CPU's
+    caches between its conversion and its product). `t` divides the rows of one scale block of
+    every weight (so a tile's rows share their scales) and each shard's hidden units; it is at
+    least 8. Weights at or under `TILE_MIN_BYTES` per shard run whole, as before.
+    """
+    if hidden % shards or 3 * d_model * (hidden // shards) * 4 <= TILE_MIN_BYTES:
+        return None
+    local = hidden // shards
+    if d_model % gate_blocks or hidden % down_blocks:
+        return None
+    units = [d_model // gate_blocks, local, hidden // down_blocks if down_blocks > 1 else local]
+    want = max(8, target_bytes // (4 * max(local, d_model)))
+    tile = max((t for t in range(1, want + 1) if all(u % t == 0 for u in units)), default=1)
+    return tile if tile >= 8 else None

@@ -2,8 +2,11 @@
 
 The mesh has axes ("data", "model"). The partition rules (`grokscope.layout`) are the release's: attention
 q/k/v and MoE `linear`/`linear_v` split their input dim on `data` and output dim on
-`model`; the attention output projection and MoE `linear_1` the other way round; the
-embedding table splits its width over both axes; norms and routers are replicated.
+`model`; the attention output projection and MoE `linear_1` the other way round; norms and
+routers are replicated. The embedding table (and Grok-2's output head) splits its vocabulary
+over `model` and its width over `data`, where the release splits its width over both: then
+each device computes the logits of its own vocabulary rows, and the [B, T, V] logits are
+never summed across devices nor held whole on each.
 
 Unlike the release, any mesh shape works: an axis that does not divide a dimension is
 dropped from that dimension's spec (the dimension is replicated over it), and the int8
@@ -23,7 +26,7 @@ from grokscope.layout import fit_spec, partition_spec
 from grokscope.quant import QuantizedWeight8bit
 
 __all__ = ["make_mesh", "partition_spec", "param_sharding", "shard_params", "batch_sharding",
-           "constrain"]
+           "constrain", "model_shards"]
 
 AXES = ("data", "model")
 
@@ -87,6 +90,12 @@ def place(value, sharding):
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     """Splits the leading (batch) dim over `data` when it divides, else replicates."""
     return NamedSharding(mesh, _fit(("data",) + (None,) * (len(shape) - 1), shape, mesh))
+
+
+def model_shards() -> int:
+    """Devices along the `model` axis of the mesh being traced for (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or "model" not in mesh.axis_names else int(mesh.shape["model"])
 
 
 def constrain(x: jax.Array, *spec) -> jax.Array:

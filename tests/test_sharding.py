@@ -49,7 +49,7 @@ def test_release_partition_rules_on_the_grok1_tree():
     assert specs[f"{layer}/moe/linear/w"] == (None, "data", "model")
     assert specs[f"{layer}/moe/linear_1/w"] == (None, "model", "data")
     assert specs[f"{layer}/router/w"] == (None, None)
-    assert specs["language_model/in_out_embed/embeddings"] == (None, ("data", "model"))
+    assert specs["language_model/in_out_embed/embeddings"] == ("model", "data")
 
 
 def test_axes_that_do_not_divide_are_dropped():

@@ -54,9 +54,9 @@ def test_the_tiles_are_really_used(wide, monkeypatch):
         monkeypatch.setattr(quant, "TILE_MIN_BYTES", quant.TILE_MIN_BYTES)
         monkeypatch.undo()
         # loops over tiles in every layer: the all-experts computation's (the dense path's own, or
-        # the every-expert probe's, traced and then compiled away when unrecorded), and ragged's;
-        # the grouped path runs one whole expert at a time
-        per_layer = {"grouped": 1, "ragged": 2, "dense": 1}[dispatch]
+        # the every-expert probe's, traced and then compiled away when unrecorded), ragged's, and
+        # the grouped path's two (the gate/up rows, then the down rows, of each block)
+        per_layer = {"grouped": 3, "ragged": 2, "dense": 1}[dispatch]
         assert tiled - whole == per_layer * config.num_layers, dispatch
 
 
@@ -68,8 +68,8 @@ def wide():
     return config, params, tokens
 
 
-@pytest.mark.parametrize("dispatch, mesh_shape", [("grouped", None), ("ragged", None), ("ragged", (1, 4)),
-                                                  ("dense", (1, 4))])
+@pytest.mark.parametrize("dispatch, mesh_shape", [("grouped", None), ("grouped", (1, 4)), ("grouped", (2, 4)),
+                                                  ("ragged", None), ("ragged", (1, 4)), ("dense", (1, 4))])
 def test_tiled_experts_match_the_whole_weights(wide, monkeypatch, dispatch, mesh_shape):
     config, params, tokens = wide
     mesh = None if mesh_shape is None else make_mesh(*mesh_shape)
@@ -87,6 +87,34 @@ def test_tiled_experts_match_the_whole_weights(wide, monkeypatch, dispatch, mesh
                                    atol=1e-5, err_msg=name)
     # the logits are rounded to bfloat16 (Grok-1's release): a 1e-6 change may move one by an ulp
     np.testing.assert_allclose(np.asarray(tiled.logits), np.asarray(whole.logits), rtol=2 ** -7, atol=1e-4)
+
+
+def test_streamed_experts_find_the_scale_block_of_every_shard(wide, monkeypatch):
+    """The grouped path's tiles take their own scale block, also when the down projection has fewer
+    scale blocks than the mesh has model shards (its scales are then whole on every device)."""
+    config, params, tokens = wide
+    down = "transformer/decoder_layer_0/moe/linear_1"
+    w = np.asarray(quant.dequantize(params[down]["w"], np.float32))
+    params = {**params, down: {"w": quant.quantize(w, n_blocks=2)}}  # 2 blocks of 256 rows over 4 shards
+    spec = RecordSpec(routing=True, expert_outputs=(0,))
+    whole = gs.forward(params, config, tokens, record=spec, moe_dispatch="grouped")
+    monkeypatch.setattr(quant, "TILE_MIN_BYTES", 0)
+    _forget_compiled()
+    assert quant.stream_tile(config.emb_size, config.ffn_size, 4, 1, 2) == 64
+    tiled = gs.forward(params, config, tokens, record=spec, moe_dispatch="grouped", mesh=make_mesh(1, 4))
+    _forget_compiled()
+    np.testing.assert_array_equal(np.asarray(tiled.record["expert_index"]), np.asarray(whole.record["expert_index"]))
+    np.testing.assert_allclose(np.asarray(tiled.record["moe_output"]), np.asarray(whole.record["moe_output"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_stream_tile_divides_shards_and_scale_blocks():
+    # Grok-1's experts on 8 devices: tiles of 64 rows ([64, 4096] and [64, 6144] in float32, 1-1.5 MB)
+    assert quant.stream_tile(6144, 32768, 8, 1, 8) == 64
+    assert quant.stream_tile(64, 344, 1, 1, 8) is None  # small weights run whole
+    for d, f, shards, blocks in [(6144, 32768, 4, 8), (8192, 16384, 8, 1), (4096, 24576, 16, 8)]:
+        t = quant.stream_tile(d, f, shards, 1, blocks)
+        assert t and d % t == 0 and (f // shards) % t == 0 and (f // blocks) % t == 0
 
 
 def test_tiled_float_experts_and_dense_mlp_match(monkeypatch):
@@ -120,13 +148,13 @@ def test_a_bfloat16_head_in_vocabulary_tiles_matches_the_whole_table(monkeypatch
     tokens = np.random.default_rng(2).integers(3, config.vocab_size, size=(2, 10)).astype(np.int32)
     whole = gs.forward(params, config, tokens)
     assert lm.head_tile(config.vocab_size, config.emb_size) is None  # small tables stay whole
-    assert lm.head_tile(131072, 6144) == 8192  # Grok-1: 16 tiles of 192 MiB in float32
+    assert lm.head_tile(131072 // 8, 6144) == 128  # Grok-1's vocabulary on each of 8 devices: 3 MiB tiles
     calls = []
     monkeypatch.setattr(lm, "head_tile", lambda V, D: calls.append((V, D)) or V // 8)
     _forget_compiled()
     tiled = gs.forward(params, config, tokens)
-    on_mesh = gs.forward(params, config, tokens, mesh=make_mesh(1, 4))  # the table's width split in 4
+    on_mesh = gs.forward(params, config, tokens, mesh=make_mesh(1, 4))  # the table's vocabulary split in 4
     _forget_compiled()
-    assert calls and set(calls) == {(config.vocab_size, config.emb_size)}
+    assert calls and set(calls) == {(config.vocab_size, config.emb_size), (config.vocab_size // 4, config.emb_size)}
     np.testing.assert_array_equal(np.asarray(tiled.logits), np.asarray(whole.logits))
     np.testing.assert_allclose(np.asarray(on_mesh.logits), np.asarray(whole.logits), rtol=2 ** -7, atol=1e-4)

@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from grokscope.config import ModelConfig
 from grokscope.model.attention import softcap
 from grokscope.model.decoder import Transformer
 from grokscope.model.linear import HIGHEST
 from grokscope.model.norm import RMSNorm
-from grokscope.sharding import constrain
+from grokscope.sharding import constrain, model_shards
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -48,34 +49,47 @@ class InOutEmbed(hk.Module):
                                 jnp.float32, init=hk.initializers.TruncatedNormal(1.0))
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        # The table's width is split over the whole mesh; re-split the looked-up [B, T, D]
-        # by batch on `data` and width on `model`, as the release shards activations.
+        # The table's vocabulary is split over `model` (its width over `data`); re-split the
+        # looked-up [B, T, D] by batch on `data` and width on `model`, as the release shards activations.
         return constrain(jnp.take(self._table(), tokens, axis=0), "data", None, "model")
 
     def decode(self, h: jax.Array) -> jax.Array:
+        """h [B, T, D] -> logits [B, T, V]. On a mesh each device computes the logits of its own
+        part of the vocabulary (the table's rows are split over `model`): the logits stay split
+        the same way, never replicated, and no device sums another's partial products."""
         table = self._table()
-        rows = head_tile(*table.shape) if table.dtype == jnp.bfloat16 and h.dtype == jnp.float32 else None
+        V, D = table.shape
+        shards = model_shards()
+        shards = shards if V % shards == 0 else 1
+        rows = head_tile(V // shards, D) if table.dtype == jnp.bfloat16 and h.dtype == jnp.float32 else None
         if rows is None:
             return jnp.einsum("btd,vd->btv", h, table.astype(h.dtype), precision=HIGHEST)
-        # The releases' bfloat16 table, widened to float32 a tile of vocabulary rows at a time.
-        # The tiles are sliced from the table's bits (uint16): a bfloat16 slice would make the
-        # CPU backend widen the whole table first (benchmarks/head_memory.py).
-        bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
 
-        def one_tile(i, logits):
-            tile = jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits, i * rows, rows, axis=0),
-                                                jnp.bfloat16)
-            part = jnp.einsum("btd,vd->btv", h, tile.astype(h.dtype), precision=HIGHEST)
-            return jax.lax.dynamic_update_slice_in_dim(logits, part, i * rows, axis=2)
+        def local(h, table):
+            # The releases' bfloat16 table, widened to float32 a tile of vocabulary rows at a time.
+            # The tiles are sliced from the table's bits (uint16): a bfloat16 slice would make the
+            # CPU backend widen the whole table first (benchmarks/head_memory.py).
+            bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+            n = table.shape[0]
 
-        V = table.shape[0]
-        return jax.lax.fori_loop(0, V // rows, one_tile, jnp.zeros((*h.shape[:-1], V), h.dtype))
+            def one_tile(i, logits):
+                tile = jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits, i * rows, rows, axis=0),
+                                                    jnp.bfloat16)
+                part = jnp.einsum("btd,vd->btv", h, tile.astype(h.dtype), precision=HIGHEST)
+                return jax.lax.dynamic_update_slice_in_dim(logits, part, i * rows, axis=2)
+
+            return jax.lax.fori_loop(0, n // rows, one_tile, jnp.zeros((*h.shape[:-1], n), h.dtype))
+
+        if shards == 1:
+            return local(h, table)
+        return jax.shard_map(local, in_specs=(P(), P("model", None)), out_specs=P(None, None, "model"),
+                             axis_names={"model"}, check_vma=False)(h, table)
 
 
-def head_tile(vocab: int, width: int, tile_bytes: int = 256 * 1024 * 1024) -> int | None:
-    """Vocabulary rows per tile of a bfloat16 output head whose table, in float32, would take
-    more than `quant.TILE_MIN_BYTES` (Grok-1's 131072 x 6144: 8192 rows, 16 tiles); None to
-    compute it whole (every bundled and test model)."""
+def head_tile(vocab: int, width: int, tile_bytes: int = 4 * 1024 * 1024) -> int | None:
+    """Vocabulary rows per tile of a bfloat16 output head (`vocab` rows on one device) whose table,
+    in float32, would take more than `quant.TILE_MIN_BYTES` (Grok-1's 131072 x 6144 split over 8
+    devices: 128 rows, 4 MB in float32); None to compute it whole (every bundled and test model)."""
     from grokscope import quant
 
     if vocab * width * 4 <= quant.TILE_MIN_BYTES:

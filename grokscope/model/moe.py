@@ -16,8 +16,9 @@ Dispatch (how step 3 is computed; all exact, no token is ever dropped):
              (E/k times the FLOPs; the formulation the release computes).
   "grouped"  the (token, slot) pairs sorted by expert and run through each expert in blocks
              of rows (a loop over experts, and over blocks within an expert): about
-             (k + E*M/N)/E of the dense FLOPs for N tokens and block size M, and one
-             expert's weights dequantized at a time.
+             (k + E*M/N)/E of the dense FLOPs for N tokens and block size M. Small weights
+             are dequantized one expert at a time; large ones (`streamed_experts`) are read
+             in tiles of rows, per device, with one sum across devices at the end.
   "ragged"   the same sorted rows through `jax.lax.ragged_dot`, a grouped matmul (native on
              GPUs; lowered to a masked dense dot on CPU).
   "sparse"   "ragged" on GPU/TPU, "grouped" on CPU (the default).
@@ -28,13 +29,15 @@ from __future__ import annotations
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from grokscope.config import ModelConfig
 from grokscope.interventions import ROUTING_KINDS, apply_routing
 from grokscope.model.attention import softcap
 from grokscope.model.linear import HIGHEST, fan_in_init
-from grokscope.quant import QuantizedWeight8bit, dequantize, hidden_tile
+from grokscope.quant import QuantizedWeight8bit, dequantize, hidden_tile, stream_tile
 from grokscope.record import probe
+from grokscope.sharding import model_shards
 
 
 class Router(hk.Module):
@@ -91,6 +94,13 @@ def _block_rows(num_rows: int, num_experts: int) -> int:
     return int(min(256, max(16, 8 * round(mean / 4 / 8))))
 
 
+def _stream_block_rows(num_rows: int, num_experts: int) -> int:
+    """Rows per block of the streamed experts: about a quarter of an expert's mean share, within
+    [4, 256] and a multiple of 4 (a decode step's 2 rows per expert take one block of 4)."""
+    mean = num_rows / max(num_experts, 1)
+    return int(min(256, max(4, 4 * round(mean / 4 / 4))))
+
+
 def _sorted_assignments(index: jax.Array, num_experts: int):
     """(token of each sorted row, expert of each sorted row, order, rows per expert) for the
     flattened [N, k] expert indices, sorted by expert (stable: token order within an expert)."""
@@ -107,10 +117,6 @@ def _gelu(x: jax.Array, variant: str) -> jax.Array:
     return jax.nn.gelu(x, approximate=variant == "tanh")
 
 
-def _model_shards() -> int:
-    """Devices along the `model` axis of the mesh being traced for (1 without a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty or "model" not in mesh.axis_names else int(mesh.shape["model"])
 
 
 def _column_tile(w, shards: int, tiles: int, i, dtype):
@@ -155,7 +161,7 @@ def _tiled(contract, out_shape, w_gate, w_up, w_down, dtype):
     (`grokscope.quant.hidden_tile`): each tile's weights are dequantized on their own, inside each
     device's shard, so no whole float copy of a weight is ever made. Small weights run whole."""
     D, F = w_gate.shape[-2], w_gate.shape[-1]
-    shards = _model_shards()
+    shards = model_shards()
     down_blocks = w_down.n_blocks if isinstance(w_down, QuantizedWeight8bit) else 1
     tile = hidden_tile(D, F, shards, down_blocks)
     if tile is None:
@@ -191,9 +197,8 @@ def grouped_experts(xs, counts, w_gate, w_up, w_down, block: int, gelu: str = "t
     comes to them (experts go in order and each writes only from its own first row on).
     Returns [R, D] float32.
 
-    This path does not tile the hidden width: at Grok-1's width on a CPU, dequantizing each
-    tile once per block of rows measured slower than one expert at a time
-    (`benchmarks/width.py`).
+    Used for small weights (every bundled and test model); large ones go through
+    `streamed_experts`.
     """
     R, D = xs.shape
     dtype = xs.dtype
@@ -218,6 +223,116 @@ def grouped_experts(xs, counts, w_gate, w_up, w_down, block: int, gelu: str = "t
 
     out = jax.lax.fori_loop(0, counts.shape[0], expert_body, jnp.zeros((R + block, D), jnp.float32))
     return out[:R]
+
+
+def _row_tile_of(w, e, r0, rows: int, dtype, block=0):
+    """Rows r0 .. r0 + rows of expert e's weight `[E, R, C]` (this device's part of it), widened to
+    `dtype` and scaled by their scale block `block` (int8): `[rows, C]`."""
+    weight = w.weight if isinstance(w, QuantizedWeight8bit) else w
+    _, _, C = weight.shape
+    tile = jax.lax.dynamic_slice(weight, (e, r0, 0), (1, rows, C))[0].astype(dtype)
+    if isinstance(w, QuantizedWeight8bit):
+        tile = tile * jax.lax.dynamic_slice(w.scales, (e, block, 0), (1, 1, C))[0].astype(dtype)
+    return tile
+
+
+def _scale_rows(w) -> int | None:
+    """Rows of `w` [E, R, C] per scale block (None for a float weight)."""
+    return w.weight.shape[-2] // w.n_blocks if isinstance(w, QuantizedWeight8bit) else None
+
+
+def streamed_experts(x, tokens, row_gates, counts, w_gate, w_up, w_down, block: int, rows: int,
+                     gelu: str = "tanh"):
+    """The grouped path for large weights: expert outputs summed into each token, [N, D] float32.
+
+    x [N, D] are the tokens; tokens [R] the token of each (token, slot) row sorted by expert,
+    counts [E] rows per expert, row_gates [R] each row's gate. A loop over experts and, inside,
+    over blocks of `block` rows from the expert's first row; each block runs through the
+    expert's weights a tile of `rows` rows at a time (`grokscope.quant.stream_tile`): h_gate
+    and h_up are summed over tiles of the gate/up weights' input rows, then the output over
+    tiles of the down weight's rows. Tiles are contiguous slices of the int8 (or bfloat16)
+    weight, widened on their own, so no float copy of a whole weight is ever made and the
+    working set stays in the caches. Each block's gated outputs are added into their tokens;
+    rows of a block past its expert's count (the next expert's, or padding) get gate 0.
+
+    On a mesh with a `model` axis this runs per device (`jax.shard_map` over `model`): each
+    device streams its own hidden units and the partial sums meet in one `psum` at the end,
+    not one per block or tile.
+    """
+    N, D = x.shape
+    dtype = x.dtype
+    pad = lambda a: jnp.concatenate([a, jnp.zeros((block,), a.dtype)])  # blocks never clamp
+    tokens, row_gates = pad(tokens), pad(row_gates)
+    starts = jnp.cumsum(counts) - counts
+    shards = model_shards()
+    gate_rows = _scale_rows(w_gate)
+
+    down_blocks = w_down.n_blocks if isinstance(w_down, QuantizedWeight8bit) else 1
+    split_scales = down_blocks % shards == 0  # the down weight's scale blocks split as its rows are
+
+    def down_block(r0, hidden):
+        """The scale block of this device's down-weight rows r0.. (its local index)."""
+        if down_blocks == 1:
+            return 0
+        if split_scales:
+            return r0 // (hidden * shards // down_blocks)
+        return (jax.lax.axis_index("model") * hidden + r0) // (hidden * shards // down_blocks)
+
+    def local(x, tokens, row_gates, counts, starts, w_gate, w_up, w_down):
+        hidden = (w_gate.weight if isinstance(w_gate, QuantizedWeight8bit) else w_gate).shape[-1]  # this device's
+
+        def expert_body(e, out):
+            start, count = starts[e], counts[e]
+
+            def block_body(carry):
+                b, out = carry
+                row = start + b * block
+                token = jax.lax.dynamic_slice_in_dim(tokens, row, block)
+                keep = b * block + jnp.arange(block) < count
+                gate = jnp.where(keep, jax.lax.dynamic_slice_in_dim(row_gates, row, block), 0.0)
+                xb = jnp.take(x, token, axis=0)  # [block, D]
+
+                def up_tile(j, acc):
+                    r0 = j * rows
+                    g_block = 0 if gate_rows is None else r0 // gate_rows
+                    xj = jax.lax.dynamic_slice_in_dim(xb, r0, rows, axis=1)
+                    h_gate = jnp.dot(xj, _row_tile_of(w_gate, e, r0, rows, dtype, g_block), precision=HIGHEST,
+                                     preferred_element_type=jnp.float32)
+                    h_up = jnp.dot(xj, _row_tile_of(w_up, e, r0, rows, dtype, g_block), precision=HIGHEST,
+                                   preferred_element_type=jnp.float32)
+                    return acc[0] + h_gate, acc[1] + h_up
+
+                zeros = jnp.zeros((block, hidden), jnp.float32)
+                h_gate, h_up = jax.lax.fori_loop(0, D // rows, up_tile, (zeros, zeros))
+                h = _gelu(h_gate, gelu) * h_up  # [block, hidden] float32
+
+                def down_tile(j, y):
+                    r0 = j * rows
+                    hj = jax.lax.dynamic_slice_in_dim(h, r0, rows, axis=1)
+                    tile = _row_tile_of(w_down, e, r0, rows, dtype, down_block(r0, hidden)).astype(jnp.float32)
+                    return y + jnp.dot(hj, tile, precision=HIGHEST)
+
+                y = jax.lax.fori_loop(0, hidden // rows, down_tile, jnp.zeros((block, D), jnp.float32))
+                return b + 1, out.at[token].add(y * gate[:, None])
+
+            _, out = jax.lax.while_loop(lambda c: c[0] * block < count, block_body, (jnp.int32(0), out))
+            return out
+
+        out = jax.lax.fori_loop(0, counts.shape[0], expert_body, jnp.zeros((N, D), jnp.float32))
+        return jax.lax.psum(out, "model") if shards > 1 else out
+
+    args = (x, tokens, row_gates, counts, starts, w_gate, w_up, w_down)
+    if shards == 1:
+        return local(*args)
+    split_cols, split_rows = P(None, None, "model"), P(None, "model", None)
+
+    def spec(w, split):
+        if not isinstance(w, QuantizedWeight8bit):
+            return split
+        return QuantizedWeight8bit(weight=split, scales=split if split is split_cols or split_scales else P())
+
+    in_specs = (P(), P(), P(), P(), P(), spec(w_gate, split_cols), spec(w_up, split_cols), spec(w_down, split_rows))
+    return jax.shard_map(local, in_specs=in_specs, out_specs=P(), axis_names={"model"}, check_vma=False)(*args)
 
 
 def ragged_experts(xs, counts, w_gate, w_up, w_down, gelu: str = "tanh"):
@@ -299,16 +414,27 @@ class MoELayer(hk.Module):
         B, T, k = index.shape
         tokens, _, order, counts = _sorted_assignments(index.reshape(B * T, k), E)
         flat = x.reshape(B * T, D)
+        # Gates rounded through the activation dtype, as the dense path's one-hot product is.
+        row_gates = gates.astype(x.dtype).astype(jnp.float32).reshape(-1)[order]
+        rows = self._stream_rows(w_gate_q, w_down_q) if self.dispatch == "grouped" else None
+        if rows is not None:
+            out = streamed_experts(flat, tokens, row_gates, counts, w_gate_q, w_up_q, w_down_q,
+                                   _stream_block_rows(B * T * k, E), rows, c.gelu).reshape(B, T, D)
+            probe("moe_output", out)
+            return out.astype(x.dtype)
         xs = jnp.take(flat, tokens, axis=0)  # [N k, D], sorted by expert
         if self.dispatch == "grouped":
             ys = grouped_experts(xs, counts, w_gate_q, w_up_q, w_down_q, _block_rows(B * T * k, E), c.gelu)
         else:
             ys = ragged_experts(xs, counts, w_gate_q, w_up_q, w_down_q, c.gelu)
-        # Gates rounded through the activation dtype, as the dense path's one-hot product is.
-        row_gates = gates.astype(x.dtype).astype(jnp.float32).reshape(-1)[order]
         out = jnp.zeros((B * T, D), jnp.float32).at[tokens].add(ys * row_gates[:, None]).reshape(B, T, D)
         probe("moe_output", out)
         return out.astype(x.dtype)
+
+    def _stream_rows(self, w_gate, w_down) -> int | None:
+        """Rows per tile when the grouped path streams the experts' weights (large weights), else None."""
+        blocks = lambda w: w.n_blocks if isinstance(w, QuantizedWeight8bit) else 1
+        return stream_tile(self.config.emb_size, self.config.ffn_size, model_shards(), blocks(w_gate), blocks(w_down))
 
     def _dense(self, x, gates, index, w_gate_q, w_up_q, w_down_q):
         E = self.config.num_experts
