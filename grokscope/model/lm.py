@@ -61,24 +61,28 @@ class InOutEmbed(hk.Module):
         V, D = table.shape
         shards = model_shards()
         shards = shards if V % shards == 0 else 1
-        rows = head_tile(V // shards, D) if table.dtype == jnp.bfloat16 and h.dtype == jnp.float32 else None
-        if rows is None:
+        if not (table.dtype == jnp.bfloat16 and h.dtype == jnp.float32 and large_head(V // shards, D)):
             return jnp.einsum("btd,vd->btv", h, table.astype(h.dtype), precision=HIGHEST)
+        B, T, _ = h.shape
 
         def local(h, table):
-            # The releases' bfloat16 table, widened to float32 a tile of vocabulary rows at a time.
-            # The tiles are sliced from the table's bits (uint16): a bfloat16 slice would make the
-            # CPU backend widen the whole table first (benchmarks/head_memory.py).
-            bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
-            n = table.shape[0]
-
-            def one_tile(i, logits):
-                tile = jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits, i * rows, rows, axis=0),
-                                                    jnp.bfloat16)
-                part = jnp.einsum("btd,vd->btv", h, tile.astype(h.dtype), precision=HIGHEST)
-                return jax.lax.dynamic_update_slice_in_dim(logits, part, i * rows, axis=2)
-
-            return jax.lax.fori_loop(0, n // rows, one_tile, jnp.zeros((*h.shape[:-1], n), h.dtype))
+            # The releases' bfloat16 table is used as it is, never widened: float32 activations
+            # are split into three bfloat16 parts that sum to them (to float32 precision), and
+            # their products with the table are summed in float32 (bfloat16 products are exact
+            # in float32). A widened copy of the table would be a float32 temporary of its whole
+            # size, and the CPU backend widens the operand of any bf16 slice too
+            # (benchmarks/head_memory.py). A few rows (a decode step) go through as one product
+            # that reads the table once; more rows as three, one part at a time, so that only
+            # one [B T, V] float32 product is alive beside the sum.
+            parts = bfloat16_parts(h.reshape(B * T, D))  # [3, B T, D]
+            if B * T <= HEAD_STACKED_ROWS:
+                products = jnp.einsum("pnd,vd->pnv", parts, table, preferred_element_type=jnp.float32)
+                logits = (products[0] + products[1]) + products[2]
+            else:
+                logits = jnp.einsum("nd,vd->nv", parts[0], table, preferred_element_type=jnp.float32)
+                logits = logits + jnp.einsum("nd,vd->nv", parts[1], table, preferred_element_type=jnp.float32)
+                logits = logits + jnp.einsum("nd,vd->nv", parts[2], table, preferred_element_type=jnp.float32)
+            return logits.reshape(B, T, table.shape[0])
 
         if shards == 1:
             return local(h, table)
@@ -86,18 +90,29 @@ class InOutEmbed(hk.Module):
                              axis_names={"model"}, check_vma=False)(h, table)
 
 
-def head_tile(vocab: int, width: int, tile_bytes: int = 4 * 1024 * 1024) -> int | None:
-    """Vocabulary rows per tile of a bfloat16 output head (`vocab` rows on one device) whose table,
-    in float32, would take more than `quant.TILE_MIN_BYTES` (Grok-1's 131072 x 6144 split over 8
-    devices: 128 rows, 4 MB in float32); None to compute it whole (every bundled and test model)."""
+def bfloat16_parts(x: jax.Array) -> jax.Array:
+    """[3, ...] bfloat16 parts of float32 `x` whose sum is `x` to within float32 rounding: each is
+    the bfloat16 rounding of what the earlier ones leave (8 bits of the significand apiece)."""
+    first = x.astype(jnp.bfloat16)
+    rest = x - first.astype(jnp.float32)  # exact
+    second = rest.astype(jnp.bfloat16)
+    third = (rest - second.astype(jnp.float32)).astype(jnp.bfloat16)
+    return jnp.stack([first, second, third])
+
+
+def large_head(vocab: int, width: int) -> bool:
+    """Whether a bfloat16 output head of `vocab` rows on one device would take more than
+    `quant.TILE_MIN_BYTES` in float32 (Grok-1's and Grok-2's: 403 MB a device on 8), so that it is
+    never widened (`InOutEmbed.decode`); smaller ones (every bundled and test model) are widened
+    and computed whole, as before."""
     from grokscope import quant
 
-    if vocab * width * 4 <= quant.TILE_MIN_BYTES:
-        return None
-    rows = min(vocab, max(1, tile_bytes // (4 * width)))
-    while vocab % rows:
-        rows -= 1
-    return rows if rows < vocab else None
+    return vocab * width * 4 > quant.TILE_MIN_BYTES
+
+
+HEAD_STACKED_ROWS = 64
+"""Up to this many rows of activations, a large head's three bfloat16 parts go through as one
+product (the table read once: a decode step is bound by reading it); beyond, one part at a time."""
 
 
 class LanguageModel(hk.Module):
