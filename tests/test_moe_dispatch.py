@@ -107,3 +107,5 @@ def test_dispatch_names():
     with pytest.raises(ValueError, match="moe_dispatch"):
         resolve_dispatch("fast")
     assert _block_rows(2048, 8) == 64 and _block_rows(2, 8) == 16 and _block_rows(10**6, 8) == 256
+    # the streamed experts: a decode step's 16 rows over 8 experts take blocks of 4; a prefill's 1024, of 32
+    assert _block_rows(16, 8, least=4, step=4) == 4 and _block_rows(1024, 8, least=4, step=4) == 32

@@ -87,18 +87,12 @@ def _expert_slice(w, e):
     return jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
 
 
-def _block_rows(num_rows: int, num_experts: int) -> int:
+def _block_rows(num_rows: int, num_experts: int, least: int = 16, step: int = 8) -> int:
     """Rows per block of the grouped path: about a quarter of an expert's mean share, within
-    [16, 256] and a multiple of 8."""
+    [least, 256] and a multiple of `step`. The streamed experts take least = step = 4, so a
+    decode step's 2 rows per expert take one block of 4."""
     mean = num_rows / max(num_experts, 1)
-    return int(min(256, max(16, 8 * round(mean / 4 / 8))))
-
-
-def _stream_block_rows(num_rows: int, num_experts: int) -> int:
-    """Rows per block of the streamed experts: about a quarter of an expert's mean share, within
-    [4, 256] and a multiple of 4 (a decode step's 2 rows per expert take one block of 4)."""
-    mean = num_rows / max(num_experts, 1)
-    return int(min(256, max(4, 4 * round(mean / 4 / 4))))
+    return int(min(256, max(least, step * round(mean / 4 / step))))
 
 
 def _sorted_assignments(index: jax.Array, num_experts: int):
@@ -117,6 +111,9 @@ def _gelu(x: jax.Array, variant: str) -> jax.Array:
     return jax.nn.gelu(x, approximate=variant == "tanh")
 
 
+def _scale_blocks(w) -> int:
+    """`n_blocks` of an int8 weight; 1 for a float one."""
+    return w.n_blocks if isinstance(w, QuantizedWeight8bit) else 1
 
 
 def _column_tile(w, shards: int, tiles: int, i, dtype):
@@ -162,7 +159,7 @@ def _tiled(contract, out_shape, w_gate, w_up, w_down, dtype):
     device's shard, so no whole float copy of a weight is ever made. Small weights run whole."""
     D, F = w_gate.shape[-2], w_gate.shape[-1]
     shards = model_shards()
-    down_blocks = w_down.n_blocks if isinstance(w_down, QuantizedWeight8bit) else 1
+    down_blocks = _scale_blocks(w_down)
     tile = hidden_tile(D, F, shards, down_blocks)
     if tile is None:
         return contract(*(dequantize(w, dtype) for w in (w_gate, w_up, w_down)))
@@ -267,7 +264,7 @@ def streamed_experts(x, tokens, row_gates, counts, w_gate, w_up, w_down, block: 
     shards = model_shards()
     gate_rows = _scale_rows(w_gate)
 
-    down_blocks = w_down.n_blocks if isinstance(w_down, QuantizedWeight8bit) else 1
+    down_blocks = _scale_blocks(w_down)
     split_scales = down_blocks % shards == 0  # the down weight's scale blocks split as its rows are
 
     def down_block(r0, hidden):
@@ -419,7 +416,7 @@ class MoELayer(hk.Module):
         rows = self._stream_rows(w_gate_q, w_down_q) if self.dispatch == "grouped" else None
         if rows is not None:
             out = streamed_experts(flat, tokens, row_gates, counts, w_gate_q, w_up_q, w_down_q,
-                                   _stream_block_rows(B * T * k, E), rows, c.gelu).reshape(B, T, D)
+                                   _block_rows(B * T * k, E, least=4, step=4), rows, c.gelu).reshape(B, T, D)
             probe("moe_output", out)
             return out.astype(x.dtype)
         xs = jnp.take(flat, tokens, axis=0)  # [N k, D], sorted by expert
@@ -433,8 +430,8 @@ class MoELayer(hk.Module):
 
     def _stream_rows(self, w_gate, w_down) -> int | None:
         """Rows per tile when the grouped path streams the experts' weights (large weights), else None."""
-        blocks = lambda w: w.n_blocks if isinstance(w, QuantizedWeight8bit) else 1
-        return stream_tile(self.config.emb_size, self.config.ffn_size, model_shards(), blocks(w_gate), blocks(w_down))
+        return stream_tile(self.config.emb_size, self.config.ffn_size, model_shards(), _scale_blocks(w_gate),
+                           _scale_blocks(w_down))
 
     def _dense(self, x, gates, index, w_gate_q, w_up_q, w_down_q):
         E = self.config.num_experts
