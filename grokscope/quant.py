@@ -14,6 +14,7 @@ Any `n_blocks` that divides the input size works here.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -131,3 +132,21 @@ def stream_tile(d_model: int, hidden: int, shards: int, gate_blocks: int, down_b
     want = max(8, target_bytes // (4 * max(local, d_model)))
     tile = max((t for t in range(1, want + 1) if all(u % t == 0 for u in units)), default=1)
     return tile if tile >= 8 else None
+
+
+def local_scales(scales: jax.Array, rows: int, shards: int, split: bool, axis: int = -2) -> jax.Array:
+    """Float32 scale blocks of this device's `rows` input rows, in equal blocks, inside a
+    `jax.shard_map` over `model` that splits a weight's input rows (`rows * shards` in all).
+
+    `scales` [..., B, C] block the whole input dim; with `split` they were split over the
+    devices as the rows are (B a multiple of `shards`), and are this device's already; else
+    they are whole on every device and this device's blocks are picked by its `axis_index`,
+    in blocks of gcd(rows, rows of a block) rows, so that none straddles a scale block."""
+    scales = scales.astype(jnp.float32)
+    n_blocks = scales.shape[axis]
+    if n_blocks == 1 or split:
+        return scales
+    block_rows = rows * shards // n_blocks
+    step = math.gcd(rows, block_rows)
+    first = jax.lax.axis_index("model") * rows + jnp.arange(rows // step) * step
+    return jnp.take(scales, first // block_rows, axis=axis)

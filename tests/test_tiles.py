@@ -16,6 +16,13 @@ from grokscope.record import RecordSpec
 from grokscope.sharding import make_mesh
 
 
+@pytest.fixture(autouse=True)
+def xla_tiles(monkeypatch):
+    """These tests are about XLA's tiles: the native kernels (tests/test_kernels.py), which take
+    decode-sized blocks of rows where they run, stay off."""
+    monkeypatch.setenv("GROKSCOPE_NATIVE_KERNELS", "0")
+
+
 def test_hidden_tile_divides_shards_and_scale_blocks():
     # Grok-1's experts: F 32768 over 8 devices, the down projection in 8 scale blocks
     assert hidden_tile(6144, 32768, 8, 8) == 512
@@ -47,12 +54,12 @@ def _while_loops(config, params, tokens, dispatch):
 
 def test_the_tiles_are_really_used(wide, monkeypatch):
     config, params, tokens = wide
+    least = quant.TILE_MIN_BYTES
     for dispatch in ("grouped", "ragged", "dense"):
         whole = _while_loops(config, params, tokens, dispatch)
         monkeypatch.setattr(quant, "TILE_MIN_BYTES", 0)
         tiled = _while_loops(config, params, tokens, dispatch)
-        monkeypatch.setattr(quant, "TILE_MIN_BYTES", quant.TILE_MIN_BYTES)
-        monkeypatch.undo()
+        monkeypatch.setattr(quant, "TILE_MIN_BYTES", least)
         # loops over tiles in every layer: the all-experts computation's (the dense path's own, or
         # the every-expert probe's, traced and then compiled away when unrecorded), ragged's, and
         # the grouped path's two (the gate/up rows, then the down rows, of each block)

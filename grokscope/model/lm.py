@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from grokscope import kernels
 from grokscope.config import ModelConfig
 from grokscope.model.attention import softcap
 from grokscope.model.decoder import Transformer
@@ -74,6 +75,10 @@ class InOutEmbed(hk.Module):
             # (benchmarks/head_memory.py). A few rows (a decode step) go through as one product
             # that reads the table once; more rows as three, one part at a time, so that only
             # one [B T, V] float32 product is alive beside the sum.
+            if B * T <= HEAD_STACKED_ROWS and kernels.available():
+                # Where the native kernel runs, it reads the bfloat16 table and widens it in
+                # registers: the float32 activations times the table, exactly as a widened copy.
+                return kernels.bf16_rows(h.reshape(B * T, D), table).reshape(B, T, table.shape[0])
             parts = bfloat16_parts(h.reshape(B * T, D))  # [3, B T, D]
             if B * T <= HEAD_STACKED_ROWS:
                 products = jnp.einsum("pnd,vd->pnv", parts, table, preferred_element_type=jnp.float32)

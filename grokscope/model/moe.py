@@ -31,11 +31,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from grokscope import kernels
 from grokscope.config import ModelConfig
 from grokscope.interventions import ROUTING_KINDS, apply_routing
 from grokscope.model.attention import softcap
 from grokscope.model.linear import HIGHEST, fan_in_init
-from grokscope.quant import QuantizedWeight8bit, dequantize, hidden_tile, stream_tile
+from grokscope.quant import QuantizedWeight8bit, dequantize, hidden_tile, local_scales, stream_tile
 from grokscope.record import probe
 from grokscope.sharding import model_shards
 
@@ -233,6 +234,14 @@ def _row_tile_of(w, e, r0, rows: int, dtype, block=0):
     return tile
 
 
+def native_rows(block: int, dtype, *weights) -> bool:
+    """Whether the streamed experts' blocks of `block` rows of `dtype` activations go through the
+    native int8 kernel (`grokscope.kernels`): a decode step's few rows are bound by reading the
+    weights, which XLA's CPU dot reads well below the memory bandwidth (benchmarks/width.py)."""
+    return (block <= kernels.NATIVE_ROWS and dtype == jnp.float32
+            and all(isinstance(w, QuantizedWeight8bit) for w in weights) and kernels.available())
+
+
 def _scale_rows(w) -> int | None:
     """Rows of `w` [E, R, C] per scale block (None for a float weight)."""
     return w.weight.shape[-2] // w.n_blocks if isinstance(w, QuantizedWeight8bit) else None
@@ -275,8 +284,13 @@ def streamed_experts(x, tokens, row_gates, counts, w_gate, w_up, w_down, block: 
             return r0 // (hidden * shards // down_blocks)
         return (jax.lax.axis_index("model") * hidden + r0) // (hidden * shards // down_blocks)
 
+    native = native_rows(block, dtype, w_gate, w_up, w_down)
+
     def local(x, tokens, row_gates, counts, starts, w_gate, w_up, w_down):
         hidden = (w_gate.weight if isinstance(w_gate, QuantizedWeight8bit) else w_gate).shape[-1]  # this device's
+        if native:
+            gate_scales, up_scales = w_gate.scales.astype(jnp.float32), w_up.scales.astype(jnp.float32)
+            down_scales = local_scales(w_down.scales, hidden, shards, split_scales)
 
         def expert_body(e, out):
             start, count = starts[e], counts[e]
@@ -288,6 +302,12 @@ def streamed_experts(x, tokens, row_gates, counts, w_gate, w_up, w_down, block: 
                 keep = b * block + jnp.arange(block) < count
                 gate = jnp.where(keep, jax.lax.dynamic_slice_in_dim(row_gates, row, block), 0.0)
                 xb = jnp.take(x, token, axis=0)  # [block, D]
+                if native:  # few rows: the int8 weights read once, widened in registers
+                    valid = jnp.clip(count - b * block, 0, block)
+                    h = _gelu(kernels.int8_rows(xb, w_gate.weight, gate_scales, e, valid), gelu) \
+                        * kernels.int8_rows(xb, w_up.weight, up_scales, e, valid)
+                    y = kernels.int8_rows(h, w_down.weight, down_scales, e, valid)
+                    return b + 1, out.at[token].add(y * gate[:, None])
 
                 def up_tile(j, acc):
                     r0 = j * rows
