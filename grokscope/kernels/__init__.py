@@ -129,9 +129,16 @@ def use_int8_rows(x: jax.Array, w) -> bool:
     return (rows <= NATIVE_ROWS and w.weight.size * 4 // model_shards() > NATIVE_MIN_BYTES and available())
 
 
+def _require() -> None:
+    why = _load()
+    if why is not None:
+        raise RuntimeError(f"grokscope's native kernels are unavailable: {why}")
+
+
 def int8_rows(x: jax.Array, w: jax.Array, scales: jax.Array, expert, valid) -> jax.Array:
     """x [R, K] float32 times expert `expert` of w [E, K, N] int8 with scale blocks [E, B, N]
     (rows k of block k // (K / B)): [R, N] float32, rows from `valid` on zero."""
+    _require()
     R, N = x.shape[0], w.shape[2]
     call = jax.ffi.ffi_call("grokscope_int8_rows", jax.ShapeDtypeStruct((R, N), jnp.float32),
                             vmap_method="sequential")
@@ -141,6 +148,7 @@ def int8_rows(x: jax.Array, w: jax.Array, scales: jax.Array, expert, valid) -> j
 
 def bf16_rows(x: jax.Array, table: jax.Array) -> jax.Array:
     """x [R, D] float32 times table [V, D] bfloat16, transposed: [R, V] float32."""
+    _require()
     call = jax.ffi.ffi_call("grokscope_bf16_rows", jax.ShapeDtypeStruct((x.shape[0], table.shape[0]), jnp.float32),
                             vmap_method="sequential")
     return call(x.astype(jnp.float32), table)
