@@ -11,7 +11,11 @@ and that one class; nothing else in a file is looked up, let alone executed, and
 is applied only to the objects the unpickler itself created. Only regular files are opened
 (a directory, FIFO, socket or device in a tensor's place is refused, without blocking). Every
 tensor is checked against `param_shapes(config)` and placed on the mesh as soon as it is read,
-in parallel, so host memory holds only the tensors in flight.
+in parallel, so host memory holds only the tensors in flight. `load_params` leaves a tensor's
+large arrays (from 1 MiB, outside the pickle's frames) in the file, mapped read-only, and
+places them one device's shard at a time: the shard is copied out of the mapping, placed, and
+the mapping's pages dropped from the process before the next, so besides the placed parameters
+host memory holds about one shard per tensor in flight, not the whole tensor twice.
 
 Content digests: `load_params(..., digests={})` also hashes each file's bytes (xxh3_128,
 `DIGEST_ALGORITHM`) as they are read, whole file included, in the same pass; the digest equals
@@ -26,9 +30,13 @@ import concurrent.futures
 import contextlib
 import hashlib
 import io
+import math
+import mmap
 import os
 import pickle
 import stat
+import struct
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Mapping
@@ -92,11 +100,30 @@ class _SafeUnpickler(pickle._Unpickler):
     Every refusal is a CheckpointError naming the file.
     """
 
-    def __init__(self, file, name: str):
+    def __init__(self, file, name: str, mapped: "_MappedFile | None" = None):
         super().__init__(file)
         self._name = name
         # id -> [object, BUILDs still allowed]; holding the object keeps its id unique.
         self._unbuilt: dict[int, list] = {}
+        self._mapped = mapped
+
+    def _load_binbytes(self):
+        (n,) = struct.unpack("<I", self.read(4))
+        self._push_bytes(n)
+
+    def _load_binbytes8(self):
+        (n,) = struct.unpack("<Q", self.read(8))
+        if n > sys.maxsize:
+            raise self._refuse("BINBYTES8 exceeds the system's maximum size")
+        self._push_bytes(n)
+
+    def _push_bytes(self, n: int):
+        """A bytes payload; a large one outside a pickle frame, when the file is mapped, is left
+        in the file (`_Payload`) and an array built from it is a view of the mapping."""
+        if self._mapped is None or n < _MAPPED_MIN_BYTES or self._unframer.current_frame is not None:
+            self.append(self.read(n))
+        else:
+            self.append(self._mapped.skip(n))
 
     def _refuse(self, what: str) -> CheckpointError:
         return CheckpointError(f"{self._name}: {what}")
@@ -158,7 +185,10 @@ class _SafeUnpickler(pickle._Unpickler):
             if not _is_array_state(state):
                 raise self._refuse("an array's pickled state is not numpy's (version, shape, dtype, "
                                    "is_fortran, data)")
-            inst.__setstate__(state)
+            if type(state[4]) is _Payload:
+                self.stack[-1] = self._mapped_array(state)
+            else:
+                inst.__setstate__(state)
         elif type(inst) is QuantizedWeight8bit:
             if type(state) is not dict or set(state) != {"weight", "scales"}:
                 raise self._refuse("a QuantizedWeight8bit's pickled state must be a dict of exactly "
@@ -172,6 +202,17 @@ class _SafeUnpickler(pickle._Unpickler):
                 self.stack[-1] = inst.newbyteorder(">")
         else:  # nothing else is ever recorded as created
             raise self._refuse(f"refusing to apply pickled state to {_describe(inst)}")
+
+    def _mapped_array(self, state) -> np.ndarray:
+        """A read-only array over the file's own bytes (`_Payload`), checked as numpy's
+        __setstate__ checks its data: exactly the bytes of the shape and dtype."""
+        _, shape, dtype, fortran, payload = state
+        if dtype.hasobject or any(n < 0 for n in shape) \
+                or payload.length != math.prod(shape) * dtype.itemsize:
+            raise self._refuse(f"an array's data is {payload.length} bytes, not those of shape "
+                               f"{shape} and dtype {dtype}")
+        return np.ndarray(shape, dtype, buffer=self._mapped.mapping(), offset=payload.offset,
+                          order="F" if fortran else "C")
 
     def _target(self, kind: type, opcode: str):
         target = self.stack[-1]
@@ -211,6 +252,8 @@ class _SafeUnpickler(pickle._Unpickler):
     dispatch[pickle.APPEND[0]] = _load_append
     dispatch[pickle.APPENDS[0]] = _load_appends
     dispatch[pickle.ADDITEMS[0]] = _load_additems
+    dispatch[pickle.BINBYTES[0]] = _load_binbytes
+    dispatch[pickle.BINBYTES8[0]] = _load_binbytes8
 
     def find_class(self, module: str, name: str):
         try:
@@ -239,7 +282,7 @@ def _is_array_state(state: Any) -> bool:
         return False
     version, shape, dtype, fortran, data = state
     return (type(version) is int and type(shape) is tuple and all(type(n) is int for n in shape)
-            and isinstance(dtype, np.dtype) and type(fortran) is bool and type(data) in (bytes, list))
+            and isinstance(dtype, np.dtype) and type(fortran) is bool and type(data) in (bytes, list, _Payload))
 
 
 def _is_dtype_state(state: Any) -> bool:
@@ -249,6 +292,46 @@ def _is_dtype_state(state: Any) -> bool:
             and type(state[1]) is str and state[1] in ("<", ">", "|", "=")
             and all(x is None for x in state[2:5])
             and all(type(x) is int for x in state[5:]))
+
+
+_MAPPED_MIN_BYTES = 1 << 20
+"""Payloads from this size on stay in the file when it is read mapped (`_read_tensor(mapped=True)`)."""
+
+
+class _Payload(tuple):
+    """(offset, length) of a bytes payload left in the file."""
+
+    offset = property(lambda self: self[0])
+    length = property(lambda self: self[1])
+
+
+class _MappedFile:
+    """The open tensor file, for payloads left in it: `skip` steps the reader over one (hashing
+    it when digesting, in chunks) and `mapping` is the file mapped read-only, made on first use."""
+
+    def __init__(self, handle, reader, size: int, name: str):
+        self._handle, self._reader, self._size, self._name = handle, reader, size, name
+        self._mapping = None
+
+    def skip(self, n: int) -> _Payload:
+        offset = self._handle.tell()
+        if offset + n > self._size:
+            raise CheckpointError(f"{self._name}: truncated (a {n}-byte array runs past the end of the file)")
+        if isinstance(self._reader, _HashingReader):
+            left = n
+            while left:
+                chunk = self._reader.read(min(left, 1 << 22))
+                if not chunk:
+                    raise CheckpointError(f"{self._name}: truncated while reading")
+                left -= len(chunk)
+        else:
+            self._handle.seek(n, os.SEEK_CUR)
+        return _Payload((offset, n))
+
+    def mapping(self) -> mmap.mmap:
+        if self._mapping is None:
+            self._mapping = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mapping
 
 
 class _HashingReader:
@@ -348,16 +431,20 @@ def read_tensor(file: str | os.PathLike) -> np.ndarray | QuantizedWeight8bit:
     return _read_tensor(Path(file), digest=False)[0]
 
 
-def _read_tensor(file: Path, digest: bool) -> tuple[np.ndarray | QuantizedWeight8bit, str | None]:
-    """`read_tensor`, and with `digest` the xxh3_128 hex digest of the file's bytes, all of them."""
+def _read_tensor(file: Path, digest: bool, mapped: bool = False) -> tuple[np.ndarray | QuantizedWeight8bit, str | None]:
+    """`read_tensor`, and with `digest` the xxh3_128 hex digest of the file's bytes, all of them.
+
+    With `mapped`, the large arrays are read-only views of the file mapped into memory (its
+    pages are read when used, and the mapping lives as long as the arrays); else they are read
+    into memory."""
     handle, size = _open_regular(file)
     with handle:
         if size == 0:
             raise CheckpointError(f"{file}: empty file")
         reader = _HashingReader(handle, xxhash.xxh3_128()) if digest else handle
         try:
-            # Streamed from the file: a tensor's bytes are held once as read, once as the array.
-            value = _SafeUnpickler(reader, str(file)).load()
+            payloads = _MappedFile(handle, reader, size, str(file)) if mapped else None
+            value = _SafeUnpickler(reader, str(file), payloads).load()
             hexdigest = reader.finish() if digest else None
         except CheckpointError:
             raise
@@ -462,10 +549,10 @@ def load_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, mesh: Me
       config: the model the checkpoint is for.
       mesh: place each tensor on this mesh by the release's partition rules; default one device.
       max_workers: tensors read and placed concurrently.
-      max_inflight_bytes: host memory that tensors being read may take at once (a tensor
-        is counted twice: as read and as placed); one larger tensor still goes alone.
-        Default: twice the largest tensor file, so that host memory peaks below what the
-        placed parameters take + 2 x the largest tensor.
+      max_inflight_bytes: host memory that tensors being placed may take at once besides
+        what they place (a tensor counts twice its largest device shard, or its whole file
+        without a mesh); one larger tensor still goes alone. Default: twice the largest such
+        count, so that host memory peaks about 4 shards above the placed parameters.
       shard: the host index in the file names.
       digests: if a dict, it is filled with `{param path: hex digest}` for every tensor, the
         `DIGEST_ALGORITHM` (xxh3_128) of its file's bytes, whole file, hashed as they are read
@@ -481,19 +568,27 @@ def load_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, mesh: Me
     device = None if mesh is not None else jax.devices()[0]
 
     sizes = [_regular_size(tensor_path(checkpoint_dir, i, shard)) for i in range(len(shapes))]
+    # What placing a tensor holds besides what it places: one device's shard as copied out of the
+    # mapped file and the file's pages it read (a whole tensor without a mesh).
+    in_flight = [size if mesh is None else _shard_bytes(path, shapes[path], mesh, size)
+                 for size, path in zip(sizes, shapes)]
     if max_inflight_bytes is None:
-        max_inflight_bytes = 2 * max(sizes)
+        max_inflight_bytes = 2 * max(in_flight)
     budget = _ByteBudget(max_inflight_bytes)
     hashing = digests is not None
 
     def load_one(index_path):
         index, path = index_path
         file = tensor_path(checkpoint_dir, index, shard)
-        with budget.reserve(2 * sizes[index]):
-            value, digest = _read_tensor(file, hashing)
+        with budget.reserve(2 * in_flight[index]):
+            value, digest = _read_tensor(file, hashing, mapped=True)
             check_tensor(value, path, shapes[path], str(file))
-            target = param_sharding(path, value, mesh) if mesh is not None else device
-            placed = place(value, target) if mesh is not None else jax.device_put(value, target)
+            if mesh is None:
+                placed = jax.device_put(value, device)
+            elif jax.process_count() == 1:
+                placed = jax.tree.map(_place_mapped, value, param_sharding(path, value, mesh))
+            else:
+                placed = place(value, param_sharding(path, value, mesh))
             jax.block_until_ready(placed)
             del value
         return path, placed, digest
@@ -506,6 +601,41 @@ def load_params(checkpoint_dir: str | os.PathLike, config: ModelConfig, mesh: Me
             if hashing:
                 digests[path] = digest
     return params
+
+
+def _shard_bytes(path: str, expected: ParamShape, mesh: Mesh, file_size: int) -> int:
+    """About the bytes of one device's shard of a tensor file of `file_size` (the largest of its
+    weight's and its scales' shards, as a fraction of the file)."""
+    from grokscope.layout import fit_spec, partition_spec, split_count
+
+    sizes = dict(mesh.shape)
+    return -(-file_size // split_count(fit_spec(partition_spec(path, expected.shape), expected.shape, sizes), sizes))
+
+
+def _release(array: np.ndarray) -> None:
+    """Drops the pages of the file mapping under `array` (if any) from this process's memory:
+    they stay in the page cache, and are read again (without disk reads) if used again."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, mmap.mmap):
+        base.madvise(getattr(mmap, "MADV_DONTNEED", 0) or mmap.MADV_NORMAL)
+
+
+def _place_mapped(leaf: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Places `leaf` (a view of a mapped file, or an array) one device at a time: each device's
+    shard is copied out of the file, placed, and its pages dropped before the next, so only one
+    shard is ever in host memory besides the placed parameters."""
+    shards, placed_key, copy = [], None, None
+    for device, index in sharding.addressable_devices_indices_map(leaf.shape).items():
+        key = tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index)
+        if key != placed_key:
+            copy = None  # the previous shard is placed: let its host copy go first
+            copy, placed_key = np.ascontiguousarray(leaf[index]), key
+        shards.append(jax.device_put(copy, device))
+        jax.block_until_ready(shards[-1])
+        _release(leaf)
+    return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
 
 
 def combine_digests(digests: Mapping[str, str]) -> str:

@@ -187,7 +187,7 @@ def fit_spec(spec: tuple, shape, axis_sizes) -> tuple:
     return tuple(fitted)
 
 
-def _split(fitted: tuple, axis_sizes) -> int:
+def split_count(fitted: tuple, axis_sizes) -> int:
     """How many ways a fitted spec splits the tensor."""
     n = 1
     for entry in fitted:
@@ -210,8 +210,8 @@ def device_bytes(config, data: int = 1, model: int = 8, quantize: str | None = N
             weight = elements  # int8
             scales_shape = spec.shape[:-2] + (spec.scale_blocks, spec.shape[-1])
             scales = int(np.prod(scales_shape)) * 2
-            total += weight // _split(fit_spec(spec.partition, spec.shape, sizes), sizes)
-            total += scales // _split(fit_spec(spec.partition, scales_shape, sizes), sizes)
+            total += weight // split_count(fit_spec(spec.partition, spec.shape, sizes), sizes)
+            total += scales // split_count(fit_spec(spec.partition, scales_shape, sizes), sizes)
         else:
-            total += elements * spec.dtype.itemsize // _split(fit_spec(spec.partition, spec.shape, sizes), sizes)
+            total += elements * spec.dtype.itemsize // split_count(fit_spec(spec.partition, spec.shape, sizes), sizes)
     return total

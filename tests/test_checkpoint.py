@@ -100,6 +100,52 @@ def test_load_places_params_on_the_mesh(fixture_dir, fixture_config):
     assert tuple(w1.scales.sharding.spec) == (None, "model", "data")  # 8 blocks split over model=4
 
 
+@pytest.mark.parametrize("mesh_shape", [None, (2, 4)])
+def test_arrays_read_from_the_mapped_file_equal_those_read_into_memory(fixture_dir, fixture_config, monkeypatch,
+                                                                        mesh_shape):
+    """`load_params` leaves large payloads in the file, mapped, and places them a device's shard
+    at a time: every payload so (threshold 0), the same values, shardings and digests."""
+    import xxhash
+
+    from grokscope import checkpoint, make_mesh
+
+    mesh = None if mesh_shape is None else make_mesh(*mesh_shape)
+    in_memory = _leaves({m: {n: read_tensor(tensor_path(fixture_dir, i)) for i, n in [(i, n)]}
+                         for i, (m, n) in enumerate(p.rsplit("/", 1) for p in param_shapes(fixture_config))})
+    monkeypatch.setattr(checkpoint, "_MAPPED_MIN_BYTES", 0)
+    left_in_file = []
+    skip = checkpoint._MappedFile.skip
+    monkeypatch.setattr(checkpoint._MappedFile, "skip", lambda self, n: left_in_file.append(n) or skip(self, n))
+    digests = {}
+    loaded = load_params(fixture_dir, fixture_config, mesh=mesh, digests=digests)
+    assert len(left_in_file) >= 7  # the payloads outside the pickles' frames (the larger arrays)
+    mapped = _leaves(loaded)
+    assert mapped.keys() == in_memory.keys()
+    for key in mapped:
+        assert mapped[key].dtype == in_memory[key].dtype, key
+        np.testing.assert_array_equal(mapped[key], in_memory[key], err_msg=key)
+    for i, path in enumerate(param_shapes(fixture_config)):
+        assert digests[path] == xxhash.xxh3_128(tensor_path(fixture_dir, i).read_bytes()).hexdigest(), path
+    if mesh is not None:
+        assert tuple(loaded["transformer/decoder_layer_0/moe/linear"]["w"].weight.sharding.spec) == \
+            (None, "data", "model")
+
+
+def test_a_mapped_payload_that_does_not_fit_its_array_is_refused(tmp_path, monkeypatch):
+    from grokscope import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_MAPPED_MIN_BYTES", 0)
+    file = tmp_path / "tensor00000_000"
+    data = pickle.dumps(np.zeros(32768, np.float32), protocol=4)  # outside the pickle's frames
+    assert data.count(b"M\x00\x80\x85") == 1  # the shape (32768,)
+    file.write_bytes(data.replace(b"M\x00\x80\x85", b"M\x01\x80\x85"))
+    with pytest.raises(CheckpointError, match=r"an array's data is 131072 bytes, not those of shape \(32769,\)"):
+        checkpoint._read_tensor(file, digest=False, mapped=True)
+    file.write_bytes(data[:-8])  # the payload runs past the end
+    with pytest.raises(CheckpointError, match=r"tensor00000_000: truncated"):
+        checkpoint._read_tensor(file, digest=True, mapped=True)
+
+
 def test_reading_bfloat16_does_not_disturb_the_dtype(fixture_dir):
     read_tensor(fixture_dir / "ckpt-0" / "tensor00005_000")
     assert jax.device_put(np.zeros(2, ml_dtypes.bfloat16)).dtype == ml_dtypes.bfloat16
