@@ -144,3 +144,24 @@ def test_local_scales_pick_each_devices_block():
     picked = jax.shard_map(lambda s: quant.local_scales(s, 4, 4, split=False), mesh=mesh, in_specs=P(),
                            out_specs=P("model"), check_vma=False)(scales)
     np.testing.assert_array_equal(np.asarray(picked), np.asarray(scales)[[0, 0, 1, 1]])
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (1, 4)])
+def test_a_large_head_through_the_kernel_matches_the_widened_table(monkeypatch, mesh_shape):
+    """20 rows (the kernel's groups of 8, 8 and 4) against the small table widened whole, then
+    finished alike (the output multiplier and bfloat16 rounding)."""
+    from grokscope.model import lm
+
+    config = dataclasses.replace(load_config("tiny"), num_layers=1)
+    params = gs.init_params(config, seed=5)
+    table = "language_model/in_out_embed"
+    params = {**params, table: {"embeddings": np.asarray(params[table]["embeddings"]).astype(ml_dtypes.bfloat16)}}
+    tokens = np.random.default_rng(2).integers(3, config.vocab_size, size=(2, 10)).astype(np.int32)
+    mesh = None if mesh_shape is None else make_mesh(*mesh_shape)
+    whole = gs.forward(params, config, tokens, mesh=mesh)  # a small table: widened whole
+    monkeypatch.setattr(lm, "large_head", lambda V, D: True)
+    _forget_compiled()
+    chunked = gs.forward(params, config, tokens, mesh=mesh)
+    _forget_compiled()
+    np.testing.assert_allclose(np.asarray(chunked.logits), np.asarray(whole.logits), rtol=2 ** -7, atol=1e-4)
+    assert np.mean(np.asarray(chunked.logits) == np.asarray(whole.logits)) > 0.99

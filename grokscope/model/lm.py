@@ -54,19 +54,29 @@ class InOutEmbed(hk.Module):
         # looked-up [B, T, D] by batch on `data` and width on `model`, as the release shards activations.
         return constrain(jnp.take(self._table(), tokens, axis=0), "data", None, "model")
 
-    def decode(self, h: jax.Array) -> jax.Array:
-        """h [B, T, D] -> logits [B, T, V]. On a mesh each device computes the logits of its own
-        part of the vocabulary (the table's rows are split over `model`): the logits stay split
-        the same way, never replicated, and no device sums another's partial products."""
+    def decode(self, h: jax.Array, finish=lambda logits: logits) -> jax.Array:
+        """h [B, T, D] -> finish(logits [B, T, V]), `finish` elementwise. On a mesh each device
+        computes the logits of its own part of the vocabulary (the table's rows are split over
+        `model`): the logits stay split the same way, never replicated, and no device sums
+        another's partial products."""
         table = self._table()
         V, D = table.shape
         shards = model_shards()
         shards = shards if V % shards == 0 else 1
         if not (table.dtype == jnp.bfloat16 and h.dtype == jnp.float32 and large_head(V // shards, D)):
-            return jnp.einsum("btd,vd->btv", h, table.astype(h.dtype), precision=HIGHEST)
+            return finish(jnp.einsum("btd,vd->btv", h, table.astype(h.dtype), precision=HIGHEST))
         B, T, _ = h.shape
 
         def local(h, table):
+            return native(h, table) if kernels.available() else three_parts(h, table)
+
+        def native(h, table):
+            # The native kernel reads the bfloat16 table and widens it in registers: the float32
+            # activations times the table, exactly as a widened copy, 8 rows at a time.
+            logits = finish(kernels.bf16_rows(h.reshape(B * T, D), table))
+            return logits.reshape(B, T, table.shape[0])
+
+        def three_parts(h, table):
             # The releases' bfloat16 table is used as it is, never widened: float32 activations
             # are split into three bfloat16 parts that sum to them (to float32 precision), and
             # their products with the table are summed in float32 (bfloat16 products are exact
@@ -75,10 +85,6 @@ class InOutEmbed(hk.Module):
             # (benchmarks/head_memory.py). A few rows (a decode step) go through as one product
             # that reads the table once; more rows as three, one part at a time, so that only
             # one [B T, V] float32 product is alive beside the sum.
-            if B * T <= HEAD_STACKED_ROWS and kernels.available():
-                # Where the native kernel runs, it reads the bfloat16 table and widens it in
-                # registers: the float32 activations times the table, exactly as a widened copy.
-                return kernels.bf16_rows(h.reshape(B * T, D), table).reshape(B, T, table.shape[0])
             parts = bfloat16_parts(h.reshape(B * T, D))  # [3, B T, D]
             if B * T <= HEAD_STACKED_ROWS:
                 products = jnp.einsum("pnd,vd->pnv", parts, table, preferred_element_type=jnp.float32)
@@ -87,7 +93,7 @@ class InOutEmbed(hk.Module):
                 logits = jnp.einsum("nd,vd->nv", parts[0], table, preferred_element_type=jnp.float32)
                 logits = logits + jnp.einsum("nd,vd->nv", parts[1], table, preferred_element_type=jnp.float32)
                 logits = logits + jnp.einsum("nd,vd->nv", parts[2], table, preferred_element_type=jnp.float32)
-            return logits.reshape(B, T, table.shape[0])
+            return finish(logits.reshape(B, T, table.shape[0]))
 
         if shards == 1:
             return local(h, table)
@@ -118,7 +124,6 @@ def large_head(vocab: int, width: int) -> bool:
 HEAD_STACKED_ROWS = 64
 """Up to this many rows of activations, a large head's three bfloat16 parts go through as one
 product (the table read once: a decode step is bound by reading it); beyond, one part at a time."""
-
 
 class LanguageModel(hk.Module):
     """tokens -> logits, with the release's multipliers and masks."""
@@ -151,10 +156,13 @@ class LanguageModel(hk.Module):
             cache = {"keys": keys, "values": values, "valid": valid, "length": start + T}
         h = RMSNorm(c.norm_eps, name="rms_norm")(h)
         head = embed if c.tied_embeddings else InOutEmbed(c, name="unembed")
-        logits = head.decode(h) * as_activation_constant(c.output_multiplier_scale, c.multipliers_dtype)
-        logits = softcap(logits.astype(jnp.float32), c.final_logit_softcap)
-        # Grok-1's release returns bfloat16 logits.
-        logits = logits.astype(c.logits_dtype).astype(jnp.float32)
+        multiplier = as_activation_constant(c.output_multiplier_scale, c.multipliers_dtype)
+
+        def finish(logits):
+            logits = softcap((logits * multiplier).astype(jnp.float32), c.final_logit_softcap)
+            return logits.astype(c.logits_dtype).astype(jnp.float32)  # Grok-1's release returns bfloat16 logits
+
+        logits = head.decode(h, finish)
         return logits if cache is None else (logits, cache)
 
 
