@@ -622,6 +622,31 @@ def _release(array: np.ndarray) -> None:
         base.madvise(getattr(mmap, "MADV_DONTNEED", 0) or mmap.MADV_NORMAL)
 
 
+_COPY_SPAN_BYTES = 32 << 20
+
+
+def _copy_out(part: np.ndarray) -> np.ndarray:
+    """A contiguous copy of `part` (a view of a mapped file, or an array), made in blocks that span
+    at most `_COPY_SPAN_BYTES` of the file, the mapping's pages dropped after each: a shard strided
+    through the whole file (a split of the last dim) never has the whole file mapped at once (the
+    kernel maps the cached pages around each one read, which would be all of them)."""
+    base = part
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if not isinstance(base, mmap.mmap) or part.ndim == 0:
+        return np.ascontiguousarray(part)
+    out = np.empty(part.shape, part.dtype)
+    # cut along the first axis whose one step spans at most a block, in runs of `step` along it
+    axis = next((a for a in range(part.ndim) if abs(part.strides[a]) <= _COPY_SPAN_BYTES), part.ndim - 1)
+    step = max(1, _COPY_SPAN_BYTES // max(abs(part.strides[axis]), 1))
+    for outer in np.ndindex(*part.shape[:axis]):
+        for start in range(0, part.shape[axis], step):
+            block = outer + (slice(start, start + step),)
+            out[block] = part[block]
+            _release(part)
+    return out
+
+
 def _place_mapped(leaf: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """Places `leaf` (a view of a mapped file, or an array) one device at a time: each device's
     shard is copied out of the file, placed, and its pages dropped before the next, so only one
@@ -631,7 +656,7 @@ def _place_mapped(leaf: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Arra
         key = tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index)
         if key != placed_key:
             copy = None  # the previous shard is placed: let its host copy go first
-            copy, placed_key = np.ascontiguousarray(leaf[index]), key
+            copy, placed_key = _copy_out(leaf[index]), key
         shards.append(jax.device_put(copy, device))
         jax.block_until_ready(shards[-1])
         _release(leaf)

@@ -104,7 +104,8 @@ def test_load_places_params_on_the_mesh(fixture_dir, fixture_config):
 def test_arrays_read_from_the_mapped_file_equal_those_read_into_memory(fixture_dir, fixture_config, monkeypatch,
                                                                         mesh_shape):
     """`load_params` leaves large payloads in the file, mapped, and places them a device's shard
-    at a time: every payload so (threshold 0), the same values, shardings and digests."""
+    at a time, each copied out in blocks: every payload so (threshold 0), the same values,
+    shardings and digests."""
     import xxhash
 
     from grokscope import checkpoint, make_mesh
@@ -113,6 +114,7 @@ def test_arrays_read_from_the_mapped_file_equal_those_read_into_memory(fixture_d
     in_memory = _leaves({m: {n: read_tensor(tensor_path(fixture_dir, i)) for i, n in [(i, n)]}
                          for i, (m, n) in enumerate(p.rsplit("/", 1) for p in param_shapes(fixture_config))})
     monkeypatch.setattr(checkpoint, "_MAPPED_MIN_BYTES", 0)
+    monkeypatch.setattr(checkpoint, "_COPY_SPAN_BYTES", 512)  # shards copied out in many small blocks
     left_in_file = []
     skip = checkpoint._MappedFile.skip
     monkeypatch.setattr(checkpoint._MappedFile, "skip", lambda self, n: left_in_file.append(n) or skip(self, n))
