@@ -42,7 +42,7 @@ def init_params(config: ModelConfig, seed: int = 0, quantized: bool | None = Non
         quantized = config.weight_format == "int8"
     f = _transformed(config, RecordSpec(routing=False))
     tokens = jnp.zeros((1, 1), jnp.int32)
-    params, _ = f.init(jax.random.PRNGKey(seed), tokens, tokens)
+    params, _ = jax.jit(f.init)(jax.random.PRNGKey(seed), tokens, tokens)  # one compiled program, not op by op
     params = jax.device_get(params)
     if quantized:
         params = {module: {name: (quantize(v, release_scale_blocks(f"{module}/{name}", v.shape))
