@@ -118,23 +118,6 @@ def test_a_decode_sized_forward_through_the_kernels_matches_xla(decode_sized, mo
     assert np.mean(np.asarray(native.logits) == np.asarray(xla.logits)) > 0.98
 
 
-def test_down_scales_fewer_than_shards_are_picked_per_device(decode_sized, monkeypatch):
-    """2 scale blocks of the down projection over 4 shards: each device's rows take their block."""
-    config, params, tokens = decode_sized
-    down = "transformer/decoder_layer_0/moe/linear_1"
-    w = np.asarray(quant.dequantize(params[down]["w"], np.float32))
-    params = {**params, down: {"w": quant.quantize(w, n_blocks=2)}}
-    spec = RecordSpec(routing=True, expert_outputs=(0,))
-    whole = gs.forward(params, config, tokens, record=spec, moe_dispatch="grouped")
-    monkeypatch.setattr(quant, "TILE_MIN_BYTES", 0)
-    _forget_compiled()
-    native = gs.forward(params, config, tokens, record=spec, moe_dispatch="grouped", mesh=make_mesh(1, 4))
-    _forget_compiled()
-    np.testing.assert_array_equal(np.asarray(native.record["expert_index"]), np.asarray(whole.record["expert_index"]))
-    np.testing.assert_allclose(np.asarray(native.record["moe_output"]), np.asarray(whole.record["moe_output"]),
-                               rtol=1e-5, atol=1e-5)
-
-
 def test_local_scales_pick_each_devices_block():
     """local_scales inside shard_map: 2 blocks of 8 rows over 4 devices of 4 rows each."""
     from jax.sharding import PartitionSpec as P

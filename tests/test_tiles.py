@@ -96,10 +96,13 @@ def test_tiled_experts_match_the_whole_weights(wide, monkeypatch, dispatch, mesh
     np.testing.assert_allclose(np.asarray(tiled.logits), np.asarray(whole.logits), rtol=2 ** -7, atol=1e-4)
 
 
-def test_streamed_experts_find_the_scale_block_of_every_shard(wide, monkeypatch):
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_streamed_experts_find_the_scale_block_of_every_shard(wide, monkeypatch, native):
     """The grouped path's tiles take their own scale block, also when the down projection has fewer
-    scale blocks than the mesh has model shards (its scales are then whole on every device)."""
+    scale blocks than the mesh has model shards (its scales are then whole on every device); so do
+    the native kernels' blocks of rows (grokscope/kernels: blocks of 8 rows here)."""
     config, params, tokens = wide
+    monkeypatch.setenv("GROKSCOPE_NATIVE_KERNELS", native)
     down = "transformer/decoder_layer_0/moe/linear_1"
     w = np.asarray(quant.dequantize(params[down]["w"], np.float32))
     params = {**params, down: {"w": quant.quantize(w, n_blocks=2)}}  # 2 blocks of 256 rows over 4 shards
