@@ -42,7 +42,8 @@ Per dispatch (--dispatch), a fresh child process
      median of those.
   4. Decode: a key/value cache of 128 positions for 8 sequences
      (`grokscope.forward.init_cache`), filled by one call of the decoder
-     (`grokscope.forward.jitted_decoder`, routing recorded) on [8, 128 - n] tokens, then n =
+     (`grokscope.forward.jitted_decoder`, routing recorded, the logits of each sequence's last
+     token only, as `Session.generate` fills its cache) on [8, 128 - n] tokens, then n =
      1 + --repeats single-token steps [8, 1] (the first is the first call, the others give
      the steady-state median), each feeding the previous step's most likely token and
      leaving the cache full at the end.
@@ -547,13 +548,14 @@ def run_child(opts: dict) -> None:
                                                                   tokens.shape)))
     tokens = rng.integers(3, vocab, (DECODE_SEQS, fill)).astype(np.int32)
     fill_in = put(tokens, np.ascontiguousarray(np.broadcast_to(np.arange(fill, dtype=np.int32), tokens.shape)))
+    fill_at = put(np.full(DECODE_SEQS, fill - 1, np.int32))  # the logits of each prompt's last token only
     decoder = jitted_decoder(config, record, dtype, dispatch)
     cache = init_cache(config, DECODE_SEQS, CACHE_LEN, dtype)  # uncommitted, as `grokscope.runner.new_cache`'s
     with on_mesh():
         prefill, lower_s, compile_s = _compile(jitted_forward(config, record, dtype, dispatch), params, *prefill_in)
     _emit("prefill_compiled", lower_s=lower_s, compile_s=compile_s, **compiled_stats(prefill))
     with on_mesh():
-        filler, lower_s, compile_s = _compile(decoder, params, *fill_in, cache)
+        filler, lower_s, compile_s = _compile(decoder, params, *fill_in, cache, fill_at)
     _emit("fill_compiled", lower_s=lower_s, compile_s=compile_s, **compiled_stats(filler))
     with on_mesh():
         step, lower_s, compile_s = _compile(decoder, params, *put(np.zeros((DECODE_SEQS, 1), np.int32),
@@ -578,8 +580,8 @@ def run_child(opts: dict) -> None:
 
     # decode: fill the cache, then single-token steps
     with on_mesh():
-        (logits, rec, cache), seconds = _timed(lambda: filler(params, *fill_in, cache))
-    next_tokens = np.asarray(jax.device_get(logits[:, -1])).argmax(-1).astype(np.int32)[:, None]
+        (logits, rec, cache), seconds = _timed(lambda: filler(params, *fill_in, cache, fill_at))
+    next_tokens = np.asarray(jax.device_get(logits)).argmax(-1).astype(np.int32)[:, None]
     _emit("fill", tokens=[DECODE_SEQS, fill], seconds=seconds)
     del filler, logits, rec
     cache_bytes = _nbytes({k: cache[k] for k in ("keys", "values")})

@@ -91,20 +91,22 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, compute_dtype: str
 @functools.lru_cache(maxsize=32)
 def jitted_decoder(config: ModelConfig, spec: RecordSpec, compute_dtype: str = "float32",
                    moe_dispatch: str = "sparse", interventions: tuple = ()):
-    """A jitted `(params, tokens [B, T], positions [B, T], cache) -> (logits, record, cache)`:
-    the forward of the next T tokens of sequences whose earlier keys and values are in `cache`
-    (from `init_cache`). Logits equal the full forward's at the same positions (to rounding)."""
+    """A jitted `(params, tokens [B, T], positions [B, T], cache, logits_at=None) -> (logits,
+    record, cache)`: the forward of the next T tokens of sequences whose earlier keys and values
+    are in `cache` (from `init_cache`). Logits [B, T, V] equal the full forward's at the same
+    positions (to rounding); with `logits_at` [B] int, [B, V] at those positions of `tokens` only."""
     for iv in interventions:
         iv.check(config)
 
-    def fn(tokens, positions, cache):
+    def fn(tokens, positions, cache, logits_at):
         with hk.custom_setter(record_filter(spec, config)):
-            return forward_fn(config, tokens, positions, compute_dtype, moe_dispatch, interventions, cache)
+            return forward_fn(config, tokens, positions, compute_dtype, moe_dispatch, interventions, cache,
+                              logits_at=logits_at)
 
     f = hk.transform_with_state(fn)
 
-    def apply(params, tokens, positions, cache):
-        (logits, cache), state = f.apply(params, {}, None, tokens, positions, cache)
+    def apply(params, tokens, positions, cache, logits_at=None):
+        (logits, cache), state = f.apply(params, {}, None, tokens, positions, cache, logits_at)
         return logits, collect(state), cache
 
     return jax.jit(apply, donate_argnums=(3,))

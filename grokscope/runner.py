@@ -200,16 +200,20 @@ def new_cache(model, batch: int, length: int, compute_dtype: str = "float32") ->
 
 
 def decode(model, tokens: np.ndarray, start: int, cache: dict, record: RecordSpec = RecordSpec(), *,
-           compute_dtype: str = "float32") -> tuple[jax.Array, dict, dict]:
+           compute_dtype: str = "float32", logits_at: np.ndarray | None = None) -> tuple[jax.Array, dict, dict]:
     """Runs the next tokens [B, T] of sequences whose first `start` positions are in `cache`
     (from `new_cache`, then from the previous call). Returns (logits [B, T, V], record, the
-    updated cache); the cache passed in is consumed."""
+    updated cache); the cache passed in is consumed. With `logits_at` [B] (an index into each
+    row of `tokens`), the logits are [B, V], of those positions only (a prompt's last token)."""
     from grokscope.forward import jitted_decoder
 
     tokens = np.asarray(tokens, np.int32)
     step = jitted_decoder(model.config, record, compute_dtype, "sparse")
+    args = (model.params, tokens, _positions(tokens.shape, start), cache)
+    if logits_at is not None:
+        args += (np.asarray(logits_at, np.int32),)
     with _on_mesh(model.mesh):
-        return step(model.params, tokens, _positions(tokens.shape, start), cache)
+        return step(*args)
 
 
 @dataclasses.dataclass(frozen=True)

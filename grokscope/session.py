@@ -269,9 +269,10 @@ class Session:
         else:
             cache = new_cache(self._model, 1, total, self.compute_dtype)
             _, _, cache = decode(self._model, np.asarray(ids, np.int32), 0, cache, record,
-                                 compute_dtype=self.compute_dtype)
+                                 compute_dtype=self.compute_dtype, logits_at=[n - 1])
             cache = _continue_at(cache, n)
-            out = decode(self._model, np.ones((1, 1), np.int32), n, cache, record, compute_dtype=self.compute_dtype)
+            out = decode(self._model, np.ones((1, 1), np.int32), n, cache, record, compute_dtype=self.compute_dtype,
+                         logits_at=[0])
         jax.block_until_ready(out)
 
     def run(self, prompts: str | Sequence[str], record: RecordSpec | None = None,
@@ -375,15 +376,16 @@ class Session:
         rng = np.random.default_rng(seed)
         records, step_logits, new = [], [], []
 
-        def run(tokens, start, cache, keep=None):
+        def run(tokens, start, cache, keep):
+            # the logits of the last kept position only: a long prompt's [T, V] logits never exist
             logits, rec, cache = decode(self._model, np.asarray([tokens], np.int32), start, cache, record,
-                                        compute_dtype=self.compute_dtype)
+                                        compute_dtype=self.compute_dtype, logits_at=[keep - 1])
             rec = jax.device_get(to_store_dtypes(rec, self.config))
-            if keep is not None:
+            if keep < len(tokens):
                 rec = {name: np.take(value, np.arange(keep), axis=QUANTITIES[name].position_axis)
                        for name, value in rec.items()}
             records.append(rec)
-            return np.asarray(logits[0, (keep or len(tokens)) - 1], np.float32), cache
+            return np.asarray(logits[0], np.float32), cache
 
         # The prompt runs padded to its length bucket (one compiled program per bucket, not per
         # length): padding is never attended to, and the cache then continues after the prompt.
@@ -395,7 +397,7 @@ class Session:
             token = _choose(logits, temperature, top_p, rng)
             step_logits.append(logits)
             new.append(token)
-            logits, cache = run([token], len(ids) + i, cache)
+            logits, cache = run([token], len(ids) + i, cache, 1)
             if on_token is not None:
                 on_token(len(ids) + i, token, records[-1])
             if stop_at_eos and token == self.tokenizer.eos_id:

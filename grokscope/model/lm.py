@@ -134,7 +134,7 @@ class LanguageModel(hk.Module):
         self.compute_dtype = jnp.dtype(compute_dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, transformer: Transformer, cache=None,
-                 ban_mask=None, dense_off=None):
+                 ban_mask=None, dense_off=None, logits_at=None):
         c = self.config
         embed = InOutEmbed(c)
         h = embed.embed(tokens).astype(self.compute_dtype)  # [B, T, D]
@@ -155,6 +155,8 @@ class LanguageModel(hk.Module):
                                             ban_mask, dense_off)
             cache = {"keys": keys, "values": values, "valid": valid, "length": start + T}
         h = RMSNorm(c.norm_eps, name="rms_norm")(h)
+        if logits_at is not None:  # one position a row: the head runs on [B, 1, D], not [B, T, D]
+            h = jnp.take_along_axis(h, logits_at[:, None, None], axis=1)
         head = embed if c.tied_embeddings else InOutEmbed(c, name="unembed")
         multiplier = as_activation_constant(c.output_multiplier_scale, c.multipliers_dtype)
 
@@ -163,13 +165,15 @@ class LanguageModel(hk.Module):
             return logits.astype(c.logits_dtype).astype(jnp.float32)  # Grok-1's release returns bfloat16 logits
 
         logits = head.decode(h, finish)
+        if logits_at is not None:
+            logits = logits[:, 0]
         return logits if cache is None else (logits, cache)
 
 
 def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | None = None,
                compute_dtype: str = "float32", moe_dispatch: str = "sparse", interventions: tuple = (),
                cache: dict | None = None, ban_mask: jax.Array | None = None,
-               dense_off: jax.Array | None = None):
+               dense_off: jax.Array | None = None, logits_at: jax.Array | None = None):
     """The haiku function to transform: tokens [B, T] int -> logits [B, T, V] float32.
 
     `transformer` is built outside `language_model`, so its parameters live at
@@ -198,10 +202,14 @@ def forward_fn(config: ModelConfig, tokens: jax.Array, positions: jax.Array | No
     
     `dense_off` [num_layers] bool zeroes the dense MLP at every position of a layer, as
     `zero_dense` interventions do, but as traced data (models with a dense MLP only).
+
+    `logits_at` [B] int: the logits of one position a row only, [B, V] (the head runs on those
+    rows alone: what a prompt filling a cache needs, without its [B, T, V] logits).
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype: expected one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     transformer = Transformer(config, moe_dispatch=moe_dispatch, interventions=tuple(interventions))
-    return LanguageModel(config, compute_dtype)(tokens, positions, transformer, cache, ban_mask, dense_off)
+    return LanguageModel(config, compute_dtype)(tokens, positions, transformer, cache, ban_mask, dense_off,
+                                                logits_at)
