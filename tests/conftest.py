@@ -5,9 +5,25 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+# One XLA compilation cache for the whole run, shared by this process, pytest-xdist's workers and
+# every process the tests start (CLI dumps, notebook kernels, multi-process runs), which compile
+# the same programs again and again; made empty for each run and removed after it.
+_RUN_COMPILATION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _RUN_COMPILATION_CACHE = tempfile.mkdtemp(prefix="grokscope-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_COMPILATION_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_unconfigure(config):
+    if _RUN_COMPILATION_CACHE is not None:
+        shutil.rmtree(_RUN_COMPILATION_CACHE, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GROKSCOPE_SHARED", REPO.parent / "shared"))
@@ -114,3 +130,20 @@ def playwright():
         pytest.skip("playwright is not installed (pip install -e .[dev])")
     with sync_playwright() as pw:
         yield pw
+
+
+@pytest.fixture
+def forget_compiled():
+    """Empties the per-config caches of jitted programs (before, after, and when called), so that
+    a test that changes a module constant read while tracing gets programs traced with it."""
+    import importlib
+
+    forward, runner = (importlib.import_module(f"grokscope.{name}") for name in ("forward", "runner"))
+
+    def forget():
+        for cached in (forward.jitted_forward, forward.jitted_decoder, runner._program):
+            cached.cache_clear()
+
+    forget()
+    yield forget
+    forget()

@@ -65,13 +65,6 @@ def test_bf16_rows_match_float64_products(R, D, V):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def _forget_compiled():
-    import importlib
-
-    forward, runner = (importlib.import_module(f"grokscope.{name}") for name in ("forward", "runner"))
-    for cached in (forward.jitted_forward, forward.jitted_decoder, runner._program):
-        cached.cache_clear()
-
 
 @pytest.fixture(scope="module")
 def decode_sized():
@@ -86,7 +79,8 @@ def decode_sized():
 
 
 @pytest.mark.parametrize("mesh_shape", [None, (2, 4)])
-def test_a_decode_sized_forward_through_the_kernels_matches_xla(decode_sized, monkeypatch, mesh_shape):
+def test_a_decode_sized_forward_through_the_kernels_matches_xla(decode_sized, monkeypatch, mesh_shape,
+                                                               forget_compiled):
     """Experts, attention projections and the head through the kernels (on a mesh: each device its
     own columns, or its own rows and one sum; the data axis left to XLA) give XLA's expert
     choices and outputs."""
@@ -102,13 +96,13 @@ def test_a_decode_sized_forward_through_the_kernels_matches_xla(decode_sized, mo
     runs = {}
     for native in ("0", "1"):
         monkeypatch.setenv("GROKSCOPE_NATIVE_KERNELS", native)
-        _forget_compiled()
+        forget_compiled()
         runs[native] = gs.forward(params, config, tokens, record=spec, moe_dispatch="grouped", mesh=mesh)
         positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
         program = str(jax.make_jaxpr(make_forward(config, spec, "float32", "grouped"))(params, tokens, positions))
         # per layer: the experts' gate, up and down, the four attention projections; and the head
         assert program.count("ffi_call[") == (7 * config.num_layers + 1 if native == "1" else 0)
-    _forget_compiled()
+    forget_compiled()
     xla, native = runs["0"], runs["1"]
     np.testing.assert_array_equal(np.asarray(native.record["expert_index"]), np.asarray(xla.record["expert_index"]))
     for name in ("moe_output", "residual"):
@@ -131,7 +125,7 @@ def test_local_scales_pick_each_devices_block():
 
 
 @pytest.mark.parametrize("mesh_shape", [None, (1, 4)])
-def test_a_large_head_through_the_kernel_matches_the_widened_table(monkeypatch, mesh_shape):
+def test_a_large_head_through_the_kernel_matches_the_widened_table(monkeypatch, mesh_shape, forget_compiled):
     """20 rows (the kernel's groups of 8, 8 and 4) against the small table widened whole, then
     finished alike (the output multiplier and bfloat16 rounding)."""
     from grokscope.model import lm
@@ -144,8 +138,8 @@ def test_a_large_head_through_the_kernel_matches_the_widened_table(monkeypatch, 
     mesh = None if mesh_shape is None else make_mesh(*mesh_shape)
     whole = gs.forward(params, config, tokens, mesh=mesh)  # a small table: widened whole
     monkeypatch.setattr(lm, "large_head", lambda V, D: True)
-    _forget_compiled()
+    forget_compiled()
     chunked = gs.forward(params, config, tokens, mesh=mesh)
-    _forget_compiled()
+    forget_compiled()
     np.testing.assert_allclose(np.asarray(chunked.logits), np.asarray(whole.logits), rtol=2 ** -7, atol=1e-4)
     assert np.mean(np.asarray(chunked.logits) == np.asarray(whole.logits)) > 0.99

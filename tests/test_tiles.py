@@ -35,13 +35,6 @@ def test_hidden_tile_divides_shards_and_scale_blocks():
         assert t and (f // shards) % t == 0 and (f // blocks) % t == 0
 
 
-def _forget_compiled():
-    import importlib
-
-    forward, runner = (importlib.import_module(f"grokscope.{name}") for name in ("forward", "runner"))
-    for cached in (forward.jitted_forward, forward.jitted_decoder, runner._program):
-        cached.cache_clear()
-
 
 def _while_loops(config, params, tokens, dispatch):
     from grokscope.forward import make_forward
@@ -77,17 +70,17 @@ def wide():
 
 @pytest.mark.parametrize("dispatch, mesh_shape", [("grouped", None), ("grouped", (2, 4)), ("ragged", None),
                                                   ("ragged", (1, 4)), ("dense", (1, 4))])
-def test_tiled_experts_match_the_whole_weights(wide, monkeypatch, dispatch, mesh_shape):
+def test_tiled_experts_match_the_whole_weights(wide, monkeypatch, dispatch, mesh_shape, forget_compiled):
     config, params, tokens = wide
     mesh = None if mesh_shape is None else make_mesh(*mesh_shape)
     spec = RecordSpec(routing=True, expert_outputs=(1,))
     whole = gs.forward(params, config, tokens, record=spec, moe_dispatch=dispatch, mesh=mesh)
     monkeypatch.setattr(quant, "TILE_MIN_BYTES", 0)  # tile everything that can be tiled
-    _forget_compiled()  # the programs are cached per config: trace them again with tiles
+    forget_compiled()  # the programs are cached per config: trace them again with tiles
     shards = 1 if mesh is None else mesh_shape[1]
     assert hidden_tile(config.emb_size, config.ffn_size, shards, 8) == 64
     tiled = gs.forward(params, config, tokens, record=spec, moe_dispatch=dispatch, mesh=mesh)
-    _forget_compiled()
+    forget_compiled()
     np.testing.assert_array_equal(np.asarray(tiled.record["expert_index"]), np.asarray(whole.record["expert_index"]))
     for name in ("expert_output", "moe_output"):
         np.testing.assert_allclose(np.asarray(tiled.record[name]), np.asarray(whole.record[name]), rtol=1e-5,
@@ -97,7 +90,7 @@ def test_tiled_experts_match_the_whole_weights(wide, monkeypatch, dispatch, mesh
 
 
 @pytest.mark.parametrize("native", ["0", "1"])
-def test_streamed_experts_find_the_scale_block_of_every_shard(wide, monkeypatch, native):
+def test_streamed_experts_find_the_scale_block_of_every_shard(wide, monkeypatch, native, forget_compiled):
     """The grouped path's tiles take their own scale block, also when the down projection has fewer
     scale blocks than the mesh has model shards (its scales are then whole on every device); so do
     the native kernels' blocks of rows (grokscope/kernels: blocks of 8 rows here)."""
@@ -109,10 +102,10 @@ def test_streamed_experts_find_the_scale_block_of_every_shard(wide, monkeypatch,
     spec = RecordSpec(routing=True, expert_outputs=(0,))
     whole = gs.forward(params, config, tokens, record=spec, moe_dispatch="grouped")
     monkeypatch.setattr(quant, "TILE_MIN_BYTES", 0)
-    _forget_compiled()
+    forget_compiled()
     assert quant.stream_tile(config.emb_size, config.ffn_size, 4, 1, 2) == 64
     tiled = gs.forward(params, config, tokens, record=spec, moe_dispatch="grouped", mesh=make_mesh(1, 4))
-    _forget_compiled()
+    forget_compiled()
     np.testing.assert_array_equal(np.asarray(tiled.record["expert_index"]), np.asarray(whole.record["expert_index"]))
     np.testing.assert_allclose(np.asarray(tiled.record["moe_output"]), np.asarray(whole.record["moe_output"]),
                                rtol=1e-5, atol=1e-5)
@@ -127,7 +120,7 @@ def test_stream_tile_divides_shards_and_scale_blocks():
         assert t and d % t == 0 and (f // shards) % t == 0 and (f // blocks) % t == 0
 
 
-def test_tiled_float_experts_and_dense_mlp_match(monkeypatch):
+def test_tiled_float_experts_and_dense_mlp_match(monkeypatch, forget_compiled):
     """Grok-2's weights are bfloat16, not int8, and its dense MLP runs through the same tiles."""
     config = dataclasses.replace(load_config("grok2-tiny"), num_layers=1, vocab_size=512, moe_ffn_size=512,
                                  dense_ffn_size=1024)
@@ -136,10 +129,10 @@ def test_tiled_float_experts_and_dense_mlp_match(monkeypatch):
     spec = RecordSpec(routing=True, expert_outputs="all")
     whole = gs.forward(params, config, tokens, record=spec)
     monkeypatch.setattr(quant, "TILE_MIN_BYTES", 0)
-    _forget_compiled()
+    forget_compiled()
     assert hidden_tile(config.emb_size, config.dense_ffn_size, 1, 1) == 512
     tiled = gs.forward(params, config, tokens, record=spec)
-    _forget_compiled()
+    forget_compiled()
     np.testing.assert_array_equal(np.asarray(tiled.record["expert_index"]), np.asarray(whole.record["expert_index"]))
     for name in ("mlp_output", "moe_output"):
         np.testing.assert_allclose(np.asarray(tiled.record[name]), np.asarray(whole.record[name]), rtol=1e-5,
@@ -147,7 +140,7 @@ def test_tiled_float_experts_and_dense_mlp_match(monkeypatch):
     np.testing.assert_allclose(np.asarray(tiled.logits), np.asarray(whole.logits), rtol=1e-5, atol=1e-4)
 
 
-def test_a_large_bfloat16_head_is_never_widened_and_matches_the_whole_table(monkeypatch):
+def test_a_large_bfloat16_head_is_never_widened_and_matches_the_whole_table(monkeypatch, forget_compiled):
     """The releases' bfloat16 output head is used as it is: float32 activations in three bfloat16
     parts, on one device and with the vocabulary split over a mesh."""
     from grokscope.model import lm
@@ -162,13 +155,13 @@ def test_a_large_bfloat16_head_is_never_widened_and_matches_the_whole_table(monk
     assert lm.large_head(131072 // 8, 6144)  # Grok-1's vocabulary on each of 8 devices: 403 MB in float32
     calls = []
     monkeypatch.setattr(lm, "large_head", lambda V, D: calls.append((V, D)) or True)
-    _forget_compiled()
+    forget_compiled()
     split = gs.forward(params, config, tokens)  # 20 rows: one product of the three parts
     monkeypatch.setattr(lm, "HEAD_STACKED_ROWS", 8)
-    _forget_compiled()
+    forget_compiled()
     one_by_one = gs.forward(params, config, tokens)  # a product per part
     on_mesh = gs.forward(params, config, tokens, mesh=make_mesh(1, 4))  # the table's vocabulary split in 4
-    _forget_compiled()
+    forget_compiled()
     assert set(calls) == {(config.vocab_size, config.emb_size), (config.vocab_size // 4, config.emb_size)}
     # Grok-1's logits are rounded to bfloat16: a float32-rounding difference may move one by an ulp
     for logits in (split.logits, one_by_one.logits, on_mesh.logits):
