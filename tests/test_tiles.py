@@ -176,3 +176,30 @@ def test_bfloat16_parts_sum_to_the_float32_value():
     parts = np.asarray(bfloat16_parts(jax.numpy.asarray(x))).astype(np.float64)
     assert parts.shape == (3, 10000)
     np.testing.assert_allclose(parts.sum(0), x, rtol=2 ** -23, atol=0)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 4)])
+def test_large_int8_projections_are_widened_a_tile_of_columns_at_a_time(wide, monkeypatch, mesh_shape,
+                                                                         forget_compiled):
+    """Attention projections whose int8 weight would be large widened (Grok's) run a tile of
+    columns at a time (on a mesh inside each device's part: its columns, or its rows and one sum
+    over the scale blocks it holds): the same routing, residual stream and logits."""
+    from grokscope.model import linear
+
+    config, params, tokens = wide
+    mesh = None if mesh_shape is None else make_mesh(*mesh_shape)
+    spec = RecordSpec(routing=True, residual="all")
+    whole = gs.forward(params, config, tokens, record=spec, mesh=mesh)
+    loops = _while_loops(config, params, tokens, "sparse")
+    monkeypatch.setattr(linear, "TILE_MIN_BYTES", 0)
+    monkeypatch.setattr(linear, "TILE_BYTES", 4 * config.emb_size * 8)  # 8 columns of the query a tile
+    forget_compiled()
+    assert linear.column_tile(config.emb_size, config.num_q_heads * config.key_size) == 8
+    # a loop over column tiles in each of the four projections of every layer
+    assert _while_loops(config, params, tokens, "sparse") - loops == 4 * config.num_layers
+    tiled = gs.forward(params, config, tokens, record=spec, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(tiled.record["expert_index"]), np.asarray(whole.record["expert_index"]))
+    np.testing.assert_allclose(np.asarray(tiled.record["residual"]), np.asarray(whole.record["residual"]),
+                               rtol=1e-5, atol=1e-5)
+    # the logits are rounded to bfloat16 (Grok-1's release): a 1e-6 change may move one by an ulp
+    np.testing.assert_allclose(np.asarray(tiled.logits), np.asarray(whole.logits), rtol=2 ** -7, atol=1e-4)
