@@ -75,6 +75,11 @@ def start_lab(root_dir, port: int | None = None, timeout: float = 60.0):
     (home / "config" / "labconfig").mkdir()
     (home / "config" / "labconfig" / "page_config.json").write_text(
         '{"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": true}}')
+    # the notebook's kernel starts without asking: on a busy machine Lab may otherwise open its
+    # "Select Kernel" dialog over the notebook
+    tracker = home / "settings" / "@jupyterlab" / "notebook-extension"
+    tracker.mkdir(parents=True)
+    (tracker / "tracker.jupyterlab-settings").write_text('{"autoStartDefaultKernel": true}')
     env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     log_path = home / "lab.log"
     cmd = _jupyter() + ["lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--port-retries=0",
@@ -200,6 +205,9 @@ def wait_kernel_idle(page, timeout: float = 120.0) -> None:
 
 
 def _menu(page, menu: str, item: str) -> None:
+    dialog = page.locator(".jp-Dialog")
+    if dialog.count():
+        raise AssertionError(f"a dialog is open before {menu} > {item}: {dialog.first.inner_text()!r}")
     page.locator(".lm-MenuBar-itemLabel").get_by_text(menu, exact=True).click()
     page.locator(".lm-Menu-content .lm-Menu-itemLabel").get_by_text(item, exact=True).click()
 
