@@ -65,7 +65,6 @@ def test_bf16_rows_match_float64_products(R, D, V):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-
 @pytest.fixture(scope="module")
 def decode_sized():
     """A Grok-1 tiny whose experts stream (8 scale blocks of 64 rows in the down projection), with a

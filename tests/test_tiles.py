@@ -35,7 +35,6 @@ def test_hidden_tile_divides_shards_and_scale_blocks():
         assert t and (f // shards) % t == 0 and (f // blocks) % t == 0
 
 
-
 def _while_loops(config, params, tokens, dispatch):
     from grokscope.forward import make_forward
 

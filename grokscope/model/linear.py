@@ -90,9 +90,7 @@ def _per_device(x: jax.Array, w: QuantizedWeight8bit, spec: tuple, product) -> j
     its input rows split give each device a partial sum, added by one `psum`."""
     *lead, K = x.shape
     N = w.shape[-1]
-    rows = x.reshape(-1, K)
-    if product is _native_rows:
-        rows = rows.astype(jnp.float32)
+    rows = x.reshape(-1, K)  # float32 where the native kernel runs (`kernels.use_int8_rows`)
     shards = model_shards()
     split = next((d for d, axes in enumerate(spec) if "model" in (axes if isinstance(axes, tuple) else (axes,))), None)
     if shards == 1 or split is None or w.shape[split] % shards:
